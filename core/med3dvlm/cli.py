@@ -1,0 +1,178 @@
+"""`med3dvlm` command line: inspect volumes, make phantoms, report/ask/chat/retrieve, train, evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import Med3DVLMError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="demo", help="'demo' (bundled) or a model folder (default: demo)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16 (default: auto)")
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+
+
+def _settings(args) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample or None,
+            "temperature": args.temperature, "top_p": args.top_p}
+
+
+def _pipeline(args):
+    from .pipeline import load
+
+    return load(args.model, device=args.device, dtype=args.dtype)
+
+
+def _progress(total: int, unit: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, disable=total < 2, file=sys.stderr)
+
+
+def cmd_info(args) -> None:
+    from .preprocess import PRESETS, describe
+    from .readers import read_volume
+    from .volume_info import volume_summary
+
+    for path in args.volumes:
+        volume = read_volume(path)
+        print(volume_summary(volume))
+        print(f"  preprocessing ({args.preset}):")
+        for step in describe(volume, PRESETS[args.preset]):
+            print(f"    - {step}")
+
+
+def cmd_phantoms(args) -> None:
+    from .data.m3d import write_dataset
+
+    write_dataset(args.outdir, args.n, args.seed, modality=args.modality, progress=True)
+    print(f"wrote {args.n} {args.modality} phantoms to {args.outdir}")
+
+
+def cmd_report(args) -> None:
+    pipe = _pipeline(args)
+    settings = _settings(args)
+    if len(args.volumes) == 1 and not args.output_dir and args.format == "text":
+        pipe.report(args.volumes[0], on_token=lambda t: print(t, end="", flush=True), **settings)
+        print()
+        return
+    bar = _progress(len(args.volumes), "volume")
+    reports = pipe.report_batch(args.volumes, progress=bar.update, **settings)
+    bar.close()
+    for path, text in zip(args.volumes, reports):
+        record = {"volume": str(path), "model": pipe.model_name, "report": text}
+        out = json.dumps(record) if args.format == "json" else f"== {path}\n{text}\n"
+        if args.output_dir:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            suffix = ".json" if args.format == "json" else ".txt"
+            target = Path(args.output_dir) / (Path(path).name.split(".")[0] + suffix)
+            target.write_text(out + "\n")
+        else:
+            print(out)
+
+
+def cmd_ask(args) -> None:
+    pipe = _pipeline(args)
+    pipe.ask(args.volume, args.question, choices=args.choices, on_token=lambda t: print(t, end="", flush=True),
+             **_settings(args))
+    print()
+
+
+def cmd_chat(args) -> None:
+    pipe = _pipeline(args)
+    print(f"Chatting with {pipe.model_name} about {args.volume}. Empty line or Ctrl-D to quit.", file=sys.stderr)
+    pipe.encode(args.volume)
+    history: list[tuple[str, str]] = []
+    while True:
+        try:
+            question = input("you> ").strip()
+        except EOFError:
+            break
+        if not question:
+            break
+        print("model> ", end="", flush=True)
+        answer = pipe.ask(args.volume, question, history=history, on_token=lambda t: print(t, end="", flush=True),
+                          **_settings(args))
+        print()
+        history.append((question, answer))
+
+
+def cmd_retrieve(args) -> None:
+    pipe = _pipeline(args)
+    texts = [Path(t).read_text().strip() if Path(t).is_file() else t for t in args.texts]
+    for rank, (index, score) in enumerate(pipe.retrieve(args.volume, texts), start=1):
+        print(f"{rank:>3}  {score:.3f}  {texts[index][:100]}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="med3dvlm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="describe volumes and what preprocessing would do")
+    p.add_argument("volumes", nargs="+")
+    p.add_argument("--preset", default="med3dvlm", help="preprocessing preset (default: med3dvlm)")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("phantoms", help="write a synthetic dataset in the M3D layouts")
+    p.add_argument("outdir")
+    p.add_argument("-n", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--modality", choices=["CT", "MR"], default="CT")
+    p.set_defaults(func=cmd_phantoms)
+
+    p = sub.add_parser("report", help="generate a report for each volume")
+    p.add_argument("volumes", nargs="+")
+    p.add_argument("--format", choices=["text", "json"], default="text")
+    p.add_argument("--output-dir", help="write one file per volume instead of printing")
+    _add_model_args(p)
+    _add_generation_args(p)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("ask", help="answer one question about a volume")
+    p.add_argument("volume")
+    p.add_argument("question")
+    p.add_argument("--choices", nargs="+", help="answer choices of a closed question (2 to 4)")
+    _add_model_args(p)
+    _add_generation_args(p)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("chat", help="interactive, streaming chat about a volume")
+    p.add_argument("volume")
+    _add_model_args(p)
+    _add_generation_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("retrieve", help="rank texts (strings or text files) for a volume")
+    p.add_argument("volume")
+    p.add_argument("texts", nargs="+")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_retrieve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except Med3DVLMError as error:
+        print(f"med3dvlm: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nmed3dvlm: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,333 @@
+"""The pipeline: load a model once, encode each volume once, then report, ask and retrieve.
+
+    >>> import med3dvlm
+    >>> pipe = med3dvlm.load("demo")
+    >>> print(pipe.report("resources/samples/ct_phantom.nii.gz"))
+    >>> pipe.ask(volume, "Which organ has the cyst?", choices=["liver", "spleen", "left kidney", "lungs"])
+
+Front ends (CLI, Slicer) call these methods from a worker thread; ``on_token`` is called from
+that thread for each text piece and a ``CancelToken`` stops generation within one step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import queue
+import threading
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import prompts
+from .cancel import CancelToken
+from .checkpoints import load_bundle
+from .errors import Med3DVLMError, ModelError
+from .generation import ANSWER_SETTINGS, REPORT_SETTINGS, CallbackStreamer, GenerationSettings, stopping_criteria
+from .preprocess import PRESETS, PreprocessConfig, preprocess
+from .readers import read_volume
+from .resources import demo_model_dir
+from .volume import Volume
+
+log = logging.getLogger(__name__)
+
+VolumeLike = Volume | str | os.PathLike | tuple[np.ndarray, np.ndarray]
+TokenCallback = Callable[[str], None]
+
+
+class ContextWarning(UserWarning):
+    """Earlier chat turns were dropped so that the prompt fits the model's context."""
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        try:
+            return {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+                    "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[dtype]
+        except KeyError:
+            raise Med3DVLMError(f"Unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16.") from None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float16 if device.type == "mps" else torch.float32
+
+
+def load(model: str | os.PathLike = "demo", device: str = "auto", dtype: str | torch.dtype = "auto",
+         quantization: str | None = None, cache_size: int = 8) -> "Pipeline":
+    """Load a model folder (or the bundled ``"demo"`` model) into a ready-to-use pipeline."""
+    folder = demo_model_dir() if str(model) == "demo" else Path(model).expanduser()
+    if not folder.is_dir():
+        raise ModelError(f"Model folder {folder} does not exist; pass 'demo' or a folder holding "
+                         "config.json and *.safetensors.")
+    if quantization is not None:
+        _check_quantization(quantization)
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, torch_device)
+    with _friendly_oom("loading the model"):
+        vlm, tokenizer, retrieval = load_bundle(folder, device=torch_device, dtype=torch_dtype)
+    name = "demo" if str(model) == "demo" else folder.name
+    return Pipeline(vlm, tokenizer, retrieval=retrieval, name=name, cache_size=cache_size)
+
+
+def _check_quantization(mode: str) -> None:
+    if mode not in ("4bit", "8bit"):
+        raise Med3DVLMError(f"Unknown quantization {mode!r}; use '4bit' or '8bit'.")
+    if not torch.cuda.is_available():
+        raise Med3DVLMError(f"{mode} quantization needs a CUDA GPU (bitsandbytes); none is available, "
+                            "so load in float32 on the CPU instead (quantization=None).")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise Med3DVLMError(f"{mode} quantization needs the bitsandbytes package: pip install bitsandbytes") from None
+    raise Med3DVLMError(f"{mode} quantization is not supported for this model yet; use dtype='float16'.")
+
+
+class _friendly_oom:
+    """Turns CUDA out-of-memory into an actionable message."""
+
+    def __init__(self, doing: str) -> None:
+        self.doing = doing
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and issubclass(exc_type, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()
+            raise ModelError(f"The GPU ran out of memory while {self.doing}; try dtype='float16', "
+                             "quantization='4bit', or device='cpu'.") from exc
+        return False
+
+
+class Pipeline:
+    def __init__(self, model, tokenizer, *, retrieval=None, name: str = "model", cache_size: int = 8) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.retrieval = retrieval.eval() if retrieval is not None else None
+        self.model_name = name
+        self.preprocess_config: PreprocessConfig = PRESETS[model.config.preprocess_preset]
+        self.num_image_tokens: int = model.config.num_image_tokens
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()  # one generation at a time on one model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    # ----- volumes and image tokens -------------------------------------------------------------
+    def as_volume(self, volume: VolumeLike) -> Volume:
+        if isinstance(volume, Volume):
+            return volume
+        if isinstance(volume, tuple):
+            array, affine = volume
+            return Volume(np.asarray(array), np.asarray(affine))
+        return read_volume(volume)
+
+    def pixels(self, volume: VolumeLike) -> torch.Tensor:
+        """The model input (1, 1, D, H, W) for a volume."""
+        return preprocess(self.as_volume(volume), self.preprocess_config, device=self.device)[None].to(self.dtype)
+
+    def _cache_key(self, volume: Volume) -> str:
+        digest = hashlib.blake2b(digest_size=16)
+        array = np.ascontiguousarray(volume.array)
+        digest.update(str((array.shape, array.dtype.str, volume.modality, volume.sequence,
+                           self.preprocess_config)).encode())
+        digest.update(np.ascontiguousarray(volume.affine).tobytes())
+        digest.update(memoryview(array).cast("B"))
+        return digest.hexdigest()
+
+    @torch.inference_mode()
+    def encode(self, volume: VolumeLike) -> torch.Tensor:
+        """Image tokens (1, N, hidden) of a volume; computed once per volume content and cached."""
+        volume = self.as_volume(volume)
+        key = self._cache_key(volume)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        with _friendly_oom("encoding the volume"):
+            tokens = self.model.encode_images(self.pixels(volume))
+        self._cache[key] = tokens
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return tokens
+
+    # ----- generation ----------------------------------------------------------------------------
+    def report(self, volume: VolumeLike, *, instruction: str = prompts.REPORT_PROMPT,
+               on_token: TokenCallback | None = None, cancel: CancelToken | None = None, **settings) -> str:
+        """A radiology report of the volume, streamed to ``on_token`` if given."""
+        prompt = prompts.report_prompt(self.num_image_tokens, instruction)
+        return self._generate(self.encode(volume), prompt, REPORT_SETTINGS.updated(**settings), on_token, cancel)
+
+    def ask(self, volume: VolumeLike, question: str, *, history: Sequence[tuple[str, str]] = (),
+            choices: Sequence[str] | None = None, on_token: TokenCallback | None = None,
+            cancel: CancelToken | None = None, **settings) -> str:
+        """Answer a question about the volume, given earlier ``(question, answer)`` turns.
+
+        With ``choices`` (a closed question) the answer is the most likely choice, as ``"B. spleen"``.
+        """
+        question = (question or "").strip()
+        if not question:
+            raise Med3DVLMError("The question is empty; type a question about the volume.")
+        image_tokens = self.encode(volume)
+        settings = ANSWER_SETTINGS.updated(**settings)
+        history = self._fit_history(question, list(history), choices, settings.max_new_tokens)
+        prompt = prompts.vqa_prompt(self.num_image_tokens, question, history, choices)
+        if choices:
+            answer = self._best_choice(image_tokens, prompt, choices)
+            if on_token is not None:
+                on_token(answer)
+            return answer
+        return self._generate(image_tokens, prompt, settings, on_token, cancel)
+
+    def stream_report(self, volume: VolumeLike, **kwargs) -> Iterator[str]:
+        """Iterator form of :meth:`report`: yields text pieces as they are generated."""
+        return self._iterate(self.report, volume, **kwargs)
+
+    def stream_ask(self, volume: VolumeLike, question: str, **kwargs) -> Iterator[str]:
+        return self._iterate(self.ask, volume, question, **kwargs)
+
+    def report_batch(self, volumes: Sequence[VolumeLike], *, batch_size: int = 4,
+                     progress: Callable[[int], None] | None = None, **settings) -> list[str]:
+        """Reports for many volumes, encoded and generated ``batch_size`` at a time (greedy: same
+        text as one by one)."""
+        settings = REPORT_SETTINGS.updated(**settings)
+        prompt = prompts.report_prompt(self.num_image_tokens)
+        reports: list[str] = []
+        for start in range(0, len(volumes), batch_size):
+            chunk = volumes[start:start + batch_size]
+            tokens = torch.cat([self.encode(v) for v in chunk])
+            reports += self._generate_batch(tokens, [prompt] * len(chunk), settings)
+            if progress is not None:
+                progress(len(chunk))
+        return reports
+
+    def _iterate(self, method, *args, **kwargs) -> Iterator[str]:
+        pieces: queue.Queue = queue.Queue()
+        done = object()
+        cancel = kwargs.setdefault("cancel", CancelToken())
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                method(*args, on_token=pieces.put, **kwargs)
+            except BaseException as exc:  # re-raised in the consumer's thread
+                failure.append(exc)
+            finally:
+                pieces.put(done)
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        try:
+            while (piece := pieces.get()) is not done:
+                yield piece
+        finally:
+            cancel.cancel()  # a consumer that stops early stops the generation too
+            worker.join()
+        if failure:
+            raise failure[0]
+
+    def _tokenize(self, prompts_: Sequence[str]) -> dict[str, torch.Tensor]:
+        self.tokenizer.padding_side = "left"
+        batch = self.tokenizer(list(prompts_), return_tensors="pt", padding=True, add_special_tokens=False)
+        return {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+    @torch.inference_mode()
+    def _generate(self, image_tokens, prompt, settings: GenerationSettings, on_token, cancel) -> str:
+        pieces: list[str] = []
+
+        def collect(piece: str) -> None:
+            pieces.append(piece)
+            if on_token is not None:
+                on_token(piece)
+
+        streamer = CallbackStreamer(self.tokenizer, collect)
+        with self._lock, _friendly_oom("generating text"):
+            self.model.generate(image_tokens, **self._tokenize([prompt]), streamer=streamer,
+                                stopping_criteria=stopping_criteria(cancel), **self._special_ids(),
+                                **settings.generate_kwargs())
+        return "".join(pieces).strip()
+
+    @torch.inference_mode()
+    def _generate_batch(self, image_tokens, prompts_: Sequence[str], settings: GenerationSettings) -> list[str]:
+        with self._lock, _friendly_oom("generating text"):
+            out = self.model.generate(image_tokens, **self._tokenize(prompts_), **self._special_ids(),
+                                      **settings.generate_kwargs())
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def _special_ids(self) -> dict[str, int]:
+        return {"eos_token_id": self.tokenizer.eos_token_id, "pad_token_id": self.tokenizer.pad_token_id}
+
+    @torch.inference_mode()
+    def _best_choice(self, image_tokens, prompt: str, choices: Sequence[str]) -> str:
+        """The choice whose answer text the model finds most likely (mean token log-likelihood)."""
+        candidates = [prompts.choice_answer(letter, choices) for letter in prompts.LETTERS[:len(choices)]]
+        prompt_len = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        scores = []
+        with self._lock:
+            for answer in candidates:
+                ids = self.tokenizer(prompt + " " + answer, add_special_tokens=False, return_tensors="pt")["input_ids"]
+                ids = ids.to(self.device)
+                labels = ids.clone()
+                labels[:, :prompt_len] = -100
+                out = self.model(image_tokens=image_tokens, input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 labels=labels)
+                scores.append(-float(out["loss"] if isinstance(out, dict) else out.loss))
+        return candidates[int(np.argmax(scores))]
+
+    def _fit_history(self, question, history, choices, max_new_tokens) -> list[tuple[str, str]]:
+        limit = self.model.config.max_context
+        while True:
+            prompt = prompts.vqa_prompt(self.num_image_tokens, question, history, choices)
+            needed = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) + max_new_tokens
+            if needed <= limit:
+                return history
+            if not history:
+                raise Med3DVLMError(f"The question is too long for the model's context ({needed} of {limit} "
+                                    "tokens); shorten it or lower max_new_tokens.")
+            history = history[1:]
+            warnings.warn("The conversation is longer than the model's context; the oldest turn was "
+                          "left out of the prompt.", ContextWarning, stacklevel=3)
+
+    # ----- retrieval -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def retrieve(self, volume: VolumeLike, texts: Sequence[str]) -> list[tuple[int, float]]:
+        """Rank ``texts`` for a volume: ``(index, score)`` best first, score = SigLIP match probability."""
+        scores = self._similarity([volume], texts)[0]
+        return sorted(enumerate(scores.tolist()), key=lambda item: -item[1])
+
+    @torch.inference_mode()
+    def rank_volumes(self, text: str, volumes: Sequence[VolumeLike]) -> list[tuple[int, float]]:
+        """Rank ``volumes`` for a text (text-to-volume retrieval), best first."""
+        scores = self._similarity(volumes, [text])[:, 0]
+        return sorted(enumerate(scores.tolist()), key=lambda item: -item[1])
+
+    def _similarity(self, volumes: Sequence[VolumeLike], texts: Sequence[str]) -> torch.Tensor:
+        if self.retrieval is None:
+            raise ModelError(f"Model {self.model_name} has no retrieval (SigLIP) towers; retrieval needs a "
+                             "model folder with a 'siglip' subfolder.")
+        pixels = torch.cat([self.pixels(v) for v in volumes]).to(next(self.retrieval.parameters()).dtype)
+        batch = self.tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True,
+                               max_length=self.retrieval.max_text_length, add_special_tokens=False)
+        return torch.sigmoid(self.retrieval.similarity(pixels, batch["input_ids"].to(self.device),
+                                                       batch["attention_mask"].to(self.device))).float().cpu()
