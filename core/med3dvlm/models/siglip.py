@@ -1,0 +1,101 @@
+"""SigLIP contrastive model: DCFormer image tower + transformers text tower, pairwise sigmoid loss.
+
+Attribute names follow the official Med3DVLM ``DEC_CLIP`` (``vision_encoder``,
+``language_encoder``, ``mm_vision_proj``, ``mm_language_proj``, ``t_prime``, ``bias``), so its
+checkpoints load with identical keys, and ``vision_encoder`` has exactly the keys of the VLM's
+vision tower (copy ``vision_encoder.*`` into it after training).
+
+Image embedding: mean of the last stage's tokens -> linear -> L2 normalise. Text embedding:
+pooled last hidden state (CLS as the official tower, or mean) -> linear -> L2 normalise.
+
+Loss (Zhai et al. 2023): with t = exp(t'), logits_ij = t <x_i, y_j> + b and z_ij = +1 on the
+diagonal, -1 elsewhere, L = -(1/n) sum_ij log sigmoid(z_ij logits_ij). Each pair contributes
+an independent term, so no softmax over the batch is needed. Differences from the official
+code, on purpose: the paper's initialisation t' = log 10, b = -10 (official: log(1/0.07), 0);
+on one device the official code multiplies by t' instead of exp(t') and does not divide by n,
+and it symmetrises the logits ((L + L^T) / 2); we follow the paper in all three.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from med3dvlm.errors import ModelError
+from med3dvlm.models.dcformer import DCFormer, DCFormerConfig, stage_tokens
+from med3dvlm.models.text import TextConfig, build_text_model, encode_text_tokens, text_width
+
+
+def pairwise_sigmoid_terms(
+    img_emb: Tensor, txt_emb: Tensor, logit_scale: Tensor, logit_bias: Tensor
+) -> Tensor:
+    """(n, n) matrix of -log sigmoid(z_ij (t <x_i, y_j> + b)); pair (i, i) is the positive.
+
+    ``logit_scale`` is the multiplier t = exp(t'), ``logit_bias`` is b. Embeddings are
+    L2-normalised here (a no-op for already normalised ones).
+    """
+    if img_emb.shape != txt_emb.shape or img_emb.ndim != 2:
+        raise ModelError(
+            f"Sigmoid loss needs paired (n, dim) image and text embeddings, got "
+            f"{tuple(img_emb.shape)} and {tuple(txt_emb.shape)}."
+        )
+    logits = logit_scale * F.normalize(img_emb, dim=-1) @ F.normalize(txt_emb, dim=-1).T + logit_bias
+    n = logits.shape[0]
+    signs = 2 * torch.eye(n, device=logits.device, dtype=logits.dtype) - 1
+    return -F.logsigmoid(signs * logits)
+
+
+def sigmoid_loss(img_emb: Tensor, txt_emb: Tensor, logit_scale: Tensor, logit_bias: Tensor) -> Tensor:
+    """Pairwise sigmoid loss: sum over all n*n pairs divided by the batch size n."""
+    terms = pairwise_sigmoid_terms(img_emb, txt_emb, logit_scale, logit_bias)
+    return terms.sum() / terms.shape[0]
+
+
+class SigLIPModel(nn.Module):
+    """Image-text model trained with the sigmoid loss; ``embed_dim`` is the shared space width."""
+
+    def __init__(
+        self,
+        vision: DCFormerConfig,
+        text: TextConfig,
+        embed_dim: int = 512,
+        t_prime_init: float = math.log(10.0),
+        bias_init: float = -10.0,
+    ):
+        super().__init__()
+        self.vision_config, self.text_config, self.embed_dim = vision, text, embed_dim
+        self.vision_encoder = DCFormer(vision)
+        self.language_encoder = build_text_model(text)
+        self.mm_vision_proj = nn.Linear(vision.channels[-1], embed_dim)
+        self.mm_language_proj = nn.Linear(text_width(self.language_encoder), embed_dim)
+        self.t_prime = nn.Parameter(torch.tensor(float(t_prime_init)))
+        self.bias = nn.Parameter(torch.tensor(float(bias_init)))
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        """(B, 1, D, H, W) -> (B, embed_dim), unit length."""
+        pooled = stage_tokens(self.vision_encoder(images)[-1]).mean(dim=1)
+        return F.normalize(self.mm_vision_proj(pooled), dim=-1)
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """(B, L) token ids -> (B, embed_dim), unit length."""
+        pooled = encode_text_tokens(
+            self.language_encoder, input_ids, attention_mask, self.text_config.pooling
+        )
+        return F.normalize(self.mm_language_proj(pooled), dim=-1)
+
+    def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> dict:
+        """Returns ``loss`` and ``logits`` (B images x B texts, t <x_i, y_j> + b)."""
+        img, txt = self.encode_image(images), self.encode_text(input_ids, attention_mask)
+        scale = self.t_prime.exp()
+        return {
+            "loss": sigmoid_loss(img, txt, scale, self.bias),
+            "logits": scale * img @ txt.T + self.bias,
+        }
+
+    @torch.no_grad()
+    def similarity(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Cosine similarities (N images x M texts) for retrieval; rank rows or columns."""
+        return self.encode_image(images) @ self.encode_text(input_ids, attention_mask).T
