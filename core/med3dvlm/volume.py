@@ -9,9 +9,13 @@ Conventions (same as nibabel / NIfTI):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from nibabel.orientations import aff2axcodes
+
+if TYPE_CHECKING:
+    import torch
 
 MODALITIES = ("CT", "MR", "unknown")
 MR_SEQUENCES = ("T1", "T2", "FLAIR", "DWI", "ADC", "T1C")
@@ -47,3 +51,30 @@ class Volume:
     @property
     def name(self) -> str:
         return self.source or "<in-memory volume>"
+
+    @property
+    def orientation(self) -> str:
+        """Axis codes of i, j, k, e.g. "RAS" or "LPS" (the direction each index increases)."""
+        return "".join(aff2axcodes(self.affine))
+
+    @classmethod
+    def from_numpy(
+        cls,
+        array: np.ndarray,
+        spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+        origin: tuple[float, float, float] = (0.0, 0.0, 0.0),
+        **fields: Any,
+    ) -> Volume:
+        """An axis-aligned RAS volume; ``fields`` are the other dataclass fields (modality...)."""
+        affine = np.diag([*map(float, spacing), 1.0])
+        affine[:3, 3] = origin
+        return cls(np.asarray(array), affine, **fields)
+
+    def to_torch(
+        self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """The voxels as a tensor indexed [i, j, k] (float32 unless ``dtype`` says otherwise)."""
+        import torch  # imported here so that reading volumes does not pay for importing torch
+
+        tensor = torch.from_numpy(np.ascontiguousarray(self.array))
+        return tensor.to(device=device, dtype=dtype or torch.float32)
