@@ -51,14 +51,17 @@ def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerFast:
     """Loads a tokenizer saved with ``save_pretrained``; checks that it knows ``<im_patch>``."""
     folder = Path(folder)
     if not (folder / "tokenizer.json").is_file():
-        raise ModelError(f"The model folder {folder} has no tokenizer.json; save the tokenizer beside the model.")
+        raise ModelError(f"The model folder {folder} has no tokenizer.json; "
+                         "save the tokenizer beside the model.")
     try:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
     except Exception as error:  # a broken JSON file surfaces as many exception types
-        raise ModelError(f"The tokenizer in {folder} cannot be read ({error}); the files may be corrupted.") from error
+        raise ModelError(f"The tokenizer in {folder} cannot be read ({error}); "
+                         "the files may be corrupted.") from error
     image_ids = tokenizer.encode(IMAGE_TOKEN, add_special_tokens=False)
     if len(image_ids) != 1:
-        raise ModelError(f"The tokenizer in {folder} has no single {IMAGE_TOKEN} token; it does not belong to a Med3DVLM model.")
+        raise ModelError(f"The tokenizer in {folder} has no single {IMAGE_TOKEN} token; "
+                         "it does not belong to a Med3DVLM model.")
     return tokenizer
 
 
