@@ -155,3 +155,41 @@ def load_bundle(
             f"{model.config.image_token_id} in config.json."
         )
     return model, tokenizer
+
+
+SIGLIP_FOLDER = "siglip"  # a bundle's retrieval towers live in this subfolder
+SIGLIP_TYPE = "med3dvlm-siglip"
+
+
+def save_siglip(folder: str | Path, model: nn.Module, max_text_length: int) -> None:
+    """Writes a SigLIP model (towers, projections, t', b) with the config that rebuilds it."""
+    from dataclasses import asdict
+
+    write_config(folder, {"model_type": SIGLIP_TYPE, "vision": asdict(model.vision_config),
+                          "text": asdict(model.text_config), "embed_dim": model.embed_dim,
+                          "max_text_length": max_text_length})
+    save_weights(model, Path(folder) / WEIGHTS_NAME)
+
+
+def load_siglip(folder: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    """The SigLIP model saved by ``save_siglip``; ``max_text_length`` is set on it."""
+    from .models.dcformer import DCFormerConfig
+    from .models.siglip import SigLIPModel
+    from .models.text import TextConfig
+
+    config = read_config(folder)
+    if config.get("model_type") != SIGLIP_TYPE:
+        raise ModelError(f"The config.json in {folder} describes {config.get('model_type')!r}, not a "
+                         f"{SIGLIP_TYPE} retrieval model.")
+    try:
+        vision, text = DCFormerConfig(**config["vision"]), TextConfig(**config["text"])
+        embed_dim, max_text_length = int(config["embed_dim"]), int(config["max_text_length"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ModelError(f"The config.json in {folder} lacks or misnames a field ({error}).") from error
+    # Built for real, not on the meta device: the text tower keeps non-persistent buffers
+    # (position ids) that are not in the file. Retrieval towers are small next to the LM.
+    model = SigLIPModel(vision, text, embed_dim=embed_dim)
+    load_weights(model, Path(folder) / WEIGHTS_NAME, device=device, dtype=dtype)
+    model.to(device or "cpu")
+    model.max_text_length = max_text_length
+    return model.eval()

@@ -26,7 +26,7 @@ import torch
 
 from . import prompts
 from .cancel import CancelToken
-from .checkpoints import load_bundle
+from .checkpoints import SIGLIP_FOLDER, load_bundle, load_siglip
 from .errors import Med3DVLMError, ModelError
 from .generation import ANSWER_SETTINGS, REPORT_SETTINGS, CallbackStreamer, GenerationSettings, stopping_criteria
 from .preprocess import PRESETS, PreprocessConfig, preprocess
@@ -80,7 +80,9 @@ def load(model: str | os.PathLike = "demo", device: str = "auto", dtype: str | t
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     with _friendly_oom("loading the model"):
-        vlm, tokenizer, retrieval = load_bundle(folder, device=torch_device, dtype=torch_dtype)
+        vlm, tokenizer = load_bundle(folder, device=torch_device, dtype=torch_dtype)
+        siglip = folder / SIGLIP_FOLDER
+        retrieval = load_siglip(siglip, device=torch_device, dtype=torch_dtype) if siglip.is_dir() else None
     name = "demo" if str(model) == "demo" else folder.name
     return Pipeline(vlm, tokenizer, retrieval=retrieval, name=name, cache_size=cache_size)
 
@@ -280,19 +282,18 @@ class Pipeline:
 
     @torch.inference_mode()
     def _best_choice(self, image_tokens, prompt: str, choices: Sequence[str]) -> str:
-        """The choice whose answer text the model finds most likely (mean token log-likelihood)."""
+        """The choice whose answer text (``"B. spleen"`` + EOS) the model finds most likely, by mean
+        token log-likelihood; tokenised as in training: prompt ids, then " " + answer ids."""
         candidates = [prompts.choice_answer(letter, choices) for letter in prompts.LETTERS[:len(choices)]]
-        prompt_len = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         scores = []
         with self._lock:
             for answer in candidates:
-                ids = self.tokenizer(prompt + " " + answer, add_special_tokens=False, return_tensors="pt")["input_ids"]
-                ids = ids.to(self.device)
+                answer_ids = self.tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+                ids = torch.tensor([prompt_ids + answer_ids + [self.tokenizer.eos_token_id]], device=self.device)
                 labels = ids.clone()
-                labels[:, :prompt_len] = -100
-                out = self.model(image_tokens=image_tokens, input_ids=ids, attention_mask=torch.ones_like(ids),
-                                 labels=labels)
-                scores.append(-float(out["loss"] if isinstance(out, dict) else out.loss))
+                labels[:, :len(prompt_ids)] = -100
+                scores.append(-float(self.model(image_tokens=image_tokens, input_ids=ids, labels=labels).loss))
         return candidates[int(np.argmax(scores))]
 
     def _fit_history(self, question, history, choices, max_new_tokens) -> list[tuple[str, str]]:
