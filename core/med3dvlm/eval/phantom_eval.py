@@ -1,0 +1,70 @@
+"""Accuracy of a model on phantoms it never saw: closed VQA, retrieval, and report findings.
+
+- closed VQA: share of closed (A-D) questions whose chosen answer is the right one;
+- retrieval: image-to-report and report-to-image R@1/R@5 among ``n`` volumes (SigLIP towers);
+- reports: recall = share of true (organ, abnormality) findings the generated report states;
+  false mentions = share of stated findings that are not in the ground truth.
+Findings are read from reports with ``data.reports.mentioned_findings``, the parser the phantom
+report writer round-trips with.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ..data.m3d import CAP_JSON, read_cap, read_vqa
+from ..data.reports import mentioned_findings
+from .retrieval import recall_at_k
+
+
+def truth_pairs(data_root: Path) -> dict[str, set[tuple[str, str]]]:
+    """Image path -> set of (organ, kind) from the dataset's labels.json."""
+    labels = json.loads((data_root / "labels.json").read_text())
+    out = {}
+    for case in labels["cases"]:
+        pairs = {(f["organ"], f["kind"]) for f in case["findings"]}
+        for image in case["images"]:
+            out[str(data_root / image)] = pairs
+    return out
+
+
+def evaluate_phantoms(pipe, data_root: str | Path, split: str = "train", n: int = 100,
+                      progress: bool = True) -> dict:
+    root = Path(data_root)
+    caps = read_cap(root / CAP_JSON, split)[:n]
+    images = {str(c.image_path) for c in caps}
+    csv_split = {"validation": "val"}.get(split, split)
+    closed = [q for q in read_vqa(root / "M3D-VQA" / f"M3D_VQA_{csv_split}.csv") if str(q.image_path) in images]
+
+    correct = 0
+    for q in tqdm(closed, desc="closed VQA", disable=not progress):
+        answer = pipe.ask(q.image_path, q.question, choices=list(q.choices))
+        correct += answer.startswith(f"{q.answer_choice}.")
+    results = {"n_volumes": len(caps), "closed_vqa_questions": len(closed),
+               "closed_vqa_accuracy": correct / max(len(closed), 1)}
+
+    if pipe.retrieval is not None:
+        similarity = pipe._similarity([c.image_path for c in caps], [c.text for c in caps]).numpy()
+        results.update(recall_at_k(similarity, (1, 5)))
+
+    truths = truth_pairs(root)
+    bar = tqdm(total=len(caps), desc="reports", disable=not progress)
+    reports = pipe.report_batch([c.image_path for c in caps], batch_size=8, progress=bar.update)
+    bar.close()
+    true_total = hits = stated = false = 0
+    for cap, report in zip(caps, reports):
+        truth, said = truths[str(cap.image_path)], mentioned_findings(report)
+        true_total += len(truth)
+        hits += len(truth & said)
+        stated += len(said)
+        false += len(said - truth)
+    results.update({"report_findings": true_total, "report_recall": hits / max(true_total, 1),
+                    "report_false_mention_rate": false / max(stated, 1),
+                    "reports_with_invented_finding": float(np.mean(
+                        [bool(mentioned_findings(r) - truths[str(c.image_path)]) for c, r in zip(caps, reports)])),
+                    "example_report": reports[0]})
+    return results

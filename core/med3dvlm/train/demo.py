@@ -1,0 +1,132 @@
+"""`med3dvlm train demo`: the recipe that builds the bundled demo model from fresh phantoms.
+
+Steps: write CT phantom datasets in the M3D layouts (two shards in parallel, one per core) ->
+train a BPE tokenizer on their text -> SigLIP pre-training of a DCFormer-nano image tower and a
+small BERT text tower -> a VLM whose encoder is the SigLIP image tower (frozen) -> instruction
+tuning of projector + LM on reports and VQA. The LM is a small Qwen2 trained from scratch, so it
+is trained fully together with the projector (a separate projector-only stage needs a pre-trained
+LM). Output: a model bundle with its retrieval towers in ``siglip/`` and the recipe that made it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import Qwen2Config
+
+from ..checkpoints import SIGLIP_FOLDER, save_bundle, save_siglip
+from ..data.m3d import CAP_JSON, read_cap, read_vqa, write_dataset
+from ..models.dcformer import DCFormerConfig
+from ..models.text import TextConfig
+from ..preprocess import PRESETS
+from ..tokenizer import train_tokenizer
+from .examples import caption_examples, vqa_examples
+from .stages import build_vlm, siglip_stage, vlm_stage
+from .trainer import TrainConfig
+from .volumes import encoder_features, load_pixels
+
+
+@dataclass
+class DemoRecipe:
+    n_phantoms: int = 1000
+    seed: int = 0
+    preset: str = "demo"
+    vocab_size: int = 1200
+    embed_dim: int = 128
+    text_layers: int = 2
+    text_width: int = 128
+    max_text_length: int = 256
+    lm_width: int = 192
+    lm_layers: int = 4
+    lm_heads: int = 6
+    lm_kv_heads: int = 2
+    lm_context: int = 640
+    low_output_size: tuple[int, int] = (16, 16)
+    high_output_size: tuple[int, int] = (8, 16)
+    siglip: dict = field(default_factory=lambda: {"epochs": 8, "batch_size": 16, "lr": 1e-3,
+                                                  "weight_decay": 0.05, "warmup_steps": 50})
+    vlm: dict = field(default_factory=lambda: {"epochs": 3, "batch_size": 32, "lr": 2e-3,
+                                               "weight_decay": 0.0, "warmup_steps": 100})
+
+
+def _shard(args) -> str:
+    root, n, seed = args
+    write_dataset(root, n, seed, modality="CT", splits=(1.0, 0.0, 0.0), progress=False)
+    return root
+
+
+def write_shards(work: Path, n: int, seed: int, shards: int = 2) -> list[Path]:
+    sizes = [n // shards + (i < n % shards) for i in range(shards)]
+    jobs = [(str(work / f"phantoms-{i}"), size, seed * shards + i) for i, size in enumerate(sizes) if size]
+    with ProcessPoolExecutor(len(jobs)) as pool:
+        return [Path(root) for root in pool.map(_shard, jobs)]
+
+
+def read_shards(roots: list[Path]):
+    caps, vqas = [], []
+    for root in roots:
+        caps += read_cap(root / CAP_JSON, "train")
+        vqas += read_vqa(root / "M3D-VQA" / "M3D_VQA_train.csv") + read_vqa(root / "M3D-VQA" / "M3D_VQA_open_train.csv")
+    return caps, vqas
+
+
+def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | None = None,
+               progress: bool = True) -> dict:
+    recipe = recipe or DemoRecipe()
+    out, work = Path(out_dir), Path(work_dir)
+    torch.manual_seed(recipe.seed)
+    timings, started = {}, time.perf_counter()
+
+    def lap(name: str) -> None:
+        timings[name] = round(time.perf_counter() - started - sum(timings.values()), 1)
+
+    roots = write_shards(work, recipe.n_phantoms, recipe.seed)
+    caps, vqas = read_shards(roots)
+    lap("phantoms")
+    tokenizer = train_tokenizer([c.text for c in caps] + [f"{q.question} {' '.join(q.choices)} {q.answer}" for q in vqas],
+                                vocab_size=recipe.vocab_size)
+    pixels = load_pixels([c.image_path for c in caps], PRESETS[recipe.preset], progress=progress)
+    lap("tokenizer+preprocessing")
+
+    vision = DCFormerConfig.preset("nano", input_size=PRESETS[recipe.preset].shape)
+    text = TextConfig(params={"vocab_size": len(tokenizer), "hidden_size": recipe.text_width,
+                              "num_hidden_layers": recipe.text_layers, "num_attention_heads": 4,
+                              "intermediate_size": 4 * recipe.text_width,
+                              "max_position_embeddings": recipe.max_text_length,
+                              "pad_token_id": tokenizer.pad_token_id}, pooling="mean")
+    siglip, siglip_run = siglip_stage(
+        pixels, [(str(c.image_path), c.text) for c in caps], tokenizer, vision, text, recipe.embed_dim,
+        TrainConfig(output_dir=str(work / "siglip"), seed=recipe.seed, progress=progress, **recipe.siglip),
+        max_text_length=recipe.max_text_length)
+    lap("siglip")
+
+    lm = Qwen2Config(vocab_size=len(tokenizer), hidden_size=recipe.lm_width, num_hidden_layers=recipe.lm_layers,
+                     num_attention_heads=recipe.lm_heads, num_key_value_heads=recipe.lm_kv_heads,
+                     intermediate_size=4 * recipe.lm_width, max_position_embeddings=recipe.lm_context,
+                     tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id)
+    model = build_vlm(tokenizer, vision, lm, recipe.preset, prompt_style="exact",
+                      low_output_size=recipe.low_output_size, high_output_size=recipe.high_output_size)
+    model.vision_tower.load_state_dict(siglip.vision_encoder.state_dict())
+    features = encoder_features(model.vision_tower, pixels, progress=progress)
+    examples = caption_examples(caps, model.config.num_image_tokens, recipe.seed) + \
+        vqa_examples(vqas, model.config.num_image_tokens)
+    vlm_run = vlm_stage(model, features, examples, tokenizer,
+                        TrainConfig(output_dir=str(work / "vlm"), seed=recipe.seed, progress=progress, **recipe.vlm),
+                        train_lm=True, max_length=recipe.lm_context)
+    lap("vlm")
+
+    model.eval()
+    save_bundle(out, model, tokenizer)
+    save_siglip(out / SIGLIP_FOLDER, siglip, recipe.max_text_length)
+    summary = {"recipe": asdict(recipe), "seconds": timings, "examples": len(examples),
+               "siglip_loss": [siglip_run.losses[0], siglip_run.losses[-1]],
+               "vlm_loss": [vlm_run.losses[0], vlm_run.losses[-1]],
+               "torch": torch.__version__, "threads": torch.get_num_threads()}
+    (out / "recipe.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary

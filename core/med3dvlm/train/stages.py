@@ -1,0 +1,89 @@
+"""The Med3DVLM training stages, as functions over in-memory data.
+
+1. ``siglip_stage``: DCFormer image tower + text tower, pairwise sigmoid loss on volume/report pairs.
+2. ``vlm_stage`` with ``train_lm=False``: projector alignment on captions, encoder and LM frozen.
+3. ``vlm_stage`` with ``train_lm=True``: instruction tuning on reports and VQA; the LM is trained
+   fully, or through LoRA adapters (peft) that are merged back afterwards.
+In the VLM stages the encoder is frozen, so its features are computed once (``encoder_features``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+from transformers import Qwen2Config
+
+from ..models.dcformer import DCFormerConfig
+from ..models.projector import ProjectorConfig
+from ..models.siglip import SigLIPModel
+from ..models.text import TextConfig
+from ..models.vlm import Med3DVLM, Med3DVLMConfig
+from ..tokenizer import image_token_id
+from .examples import Example, collate_examples
+from .trainer import TrainConfig, TrainResult, train
+from .volumes import ImageTextDataset, LengthBatchedExamples, image_text_collate
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def siglip_stage(pixels: dict[str, torch.Tensor], pairs: Sequence[tuple[str, str]], tokenizer,
+                 vision: DCFormerConfig, text: TextConfig, embed_dim: int, config: TrainConfig,
+                 max_text_length: int = 256) -> tuple[SigLIPModel, TrainResult]:
+    model = SigLIPModel(vision, text, embed_dim=embed_dim)
+    model.max_text_length = max_text_length
+    # BERT's pooler is unused by our pooling: keep it out of training (and out of DDP's reducer).
+    result = train(model, ImageTextDataset(pixels, pairs), config,
+                   collate_fn=image_text_collate(tokenizer, max_text_length),
+                   trainable=lambda name: ".pooler." not in name)
+    return model.eval(), result
+
+
+def build_vlm(tokenizer, vision: DCFormerConfig, lm: Qwen2Config, preprocess_preset: str,
+              prompt_style: str = "med3dvlm", **projector_sizes) -> Med3DVLM:
+    """A fresh VLM whose vocabulary is the tokenizer's (``<im_patch>`` included)."""
+    lm.vocab_size = max(lm.vocab_size, len(tokenizer))
+    projector = ProjectorConfig.for_encoder(vision, lm.hidden_size, **projector_sizes)
+    config = Med3DVLMConfig(text_config=lm, vision_config=vision, projector_config=projector,
+                            image_token_id=image_token_id(tokenizer), preprocess_preset=preprocess_preset,
+                            prompt_style=prompt_style)
+    return Med3DVLM(config)
+
+
+def vlm_stage(model: Med3DVLM, features: dict, examples: Sequence[Example], tokenizer, config: TrainConfig,
+              *, train_lm: bool, lora_rank: int | None = None, max_length: int = 512) -> TrainResult:
+    """Trains the projector (and the LM when ``train_lm``) on cached encoder features."""
+    if lora_rank:
+        _add_lora(model, lora_rank)
+
+    def trainable(name: str) -> bool:
+        if name.startswith("mm_projector."):
+            return True
+        return train_lm and name.startswith("language_model.") and (not lora_rank or "lora_" in name)
+
+    def loss_fn(m: Med3DVLM, batch: dict) -> torch.Tensor:
+        image_tokens = m.mm_projector(batch.pop("low"), batch.pop("high"))
+        return m(image_tokens=image_tokens, **batch).loss
+
+    def collate(rows):
+        feats, examples_ = zip(*rows[0])  # one pre-formed batch per item
+        batch = collate_examples(examples_, tokenizer, max_length)
+        batch["low"] = torch.stack([f[0] for f in feats]).float()
+        batch["high"] = torch.stack([f[1] for f in feats]).float()
+        return batch
+
+    model.vision_tower.eval()  # frozen: BatchNorm keeps its statistics
+    batches = LengthBatchedExamples(features, examples, config.batch_size)
+    result = train(model, batches, dataclasses.replace(config, batch_size=1), loss_fn=loss_fn,
+                   collate_fn=collate, trainable=trainable)
+    if lora_rank:
+        model.language_model = model.language_model.merge_and_unload()
+    return result
+
+
+def _add_lora(model: Med3DVLM, rank: int) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules=list(LORA_TARGETS))
+    model.language_model = get_peft_model(model.language_model, lora)

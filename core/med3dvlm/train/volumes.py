@@ -1,0 +1,86 @@
+"""Training-time volume handling: preprocess every volume of a dataset once and keep it in memory.
+
+Preprocessing (read, reorient, window, resize) costs far more than a small model's step, so each
+volume is turned into its model input once per run. The DCFormer features of a frozen encoder are
+cached the same way for the VLM stages, where only the projector and the LM learn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from ..models.dcformer import stage_tokens
+from ..preprocess import PreprocessConfig, preprocess
+from ..readers import read_volume
+
+
+def load_pixels(paths: Iterable[str], config: PreprocessConfig, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Path -> model input (1, D, H, W), stored as float16 to halve the memory."""
+    unique = sorted(set(map(str, paths)))
+    return {path: preprocess(read_volume(path), config).to(torch.float16)
+            for path in tqdm(unique, desc="preprocessing volumes", disable=not progress, unit="vol")}
+
+
+@torch.inference_mode()
+def encoder_features(encoder, pixels: dict[str, torch.Tensor], batch_size: int = 16,
+                     progress: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Path -> (low, high) stage tokens of a frozen DCFormer (the projector's two inputs)."""
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    keys = list(pixels)
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for start in tqdm(range(0, len(keys), batch_size), desc="encoding volumes", disable=not progress):
+        chunk = keys[start:start + batch_size]
+        maps = encoder(torch.stack([pixels[k] for k in chunk]).float().to(device))
+        low, high = stage_tokens(maps[-2]).cpu(), stage_tokens(maps[-1]).cpu()
+        for i, key in enumerate(chunk):
+            out[key] = (low[i], high[i])
+    return out
+
+
+class ImageTextDataset(Dataset):
+    """(pixels, text) pairs for SigLIP training."""
+
+    def __init__(self, pixels: dict[str, torch.Tensor], pairs: Sequence[tuple[str, str]]) -> None:
+        self.pixels, self.pairs = pixels, list(pairs)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int):
+        image, text = self.pairs[index]
+        return self.pixels[image], text
+
+
+def image_text_collate(tokenizer, max_length: int):
+    def collate(batch):
+        images, texts = zip(*batch)
+        tokens = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
+                           add_special_tokens=False, return_tensors="pt")
+        return {"images": torch.stack(images).float(), "input_ids": tokens["input_ids"],
+                "attention_mask": tokens["attention_mask"]}
+    return collate
+
+
+class LengthBatchedExamples(Dataset):
+    """Instruction examples grouped into batches of similar length, each item one whole batch.
+
+    Short VQA rows are then not padded to the length of a report, which more than halves the
+    LM's work per epoch; the trainer shuffles the order of the batches (use batch_size=1).
+    """
+
+    def __init__(self, features: dict[str, tuple[torch.Tensor, torch.Tensor]], examples: Sequence,
+                 batch_size: int) -> None:
+        self.features = features
+        ordered = sorted(examples, key=lambda ex: (len(ex.prompt) + len(ex.answer), ex.image, ex.prompt))
+        self.batches = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int):
+        return [(self.features[ex.image], ex) for ex in self.batches[index]]
