@@ -1,1 +1,30 @@
+"""med3dvlm: 3D medical vision-language models (Med3DVLM, MedMAP) for CT and MRI.
+
+    >>> import med3dvlm
+    >>> pipe = med3dvlm.load("demo")
+    >>> pipe.report("resources/samples/ct_phantom.nii.gz")
+
+Heavy modules (torch, transformers) load on first use of ``load``.
+"""
+
+from .cancel import CancelToken
+from .errors import Med3DVLMError, ModelError, VolumeError
+from .volume import Volume
+
 __version__ = "0.1.0"
+__all__ = ["CancelToken", "Med3DVLMError", "ModelError", "Volume", "VolumeError",
+           "load", "read_volume"]
+
+
+def load(model="demo", device="auto", dtype="auto", **kwargs):
+    """Load a model folder (or the bundled ``"demo"``) into a :class:`~med3dvlm.pipeline.Pipeline`."""
+    from .pipeline import load as _load
+
+    return _load(model, device=device, dtype=dtype, **kwargs)
+
+
+def read_volume(path, **kwargs) -> Volume:
+    """Read a NIfTI, NRRD or DICOM-series volume (see :func:`med3dvlm.readers.read_volume`)."""
+    from .readers import read_volume as _read
+
+    return _read(path, **kwargs)

@@ -115,6 +115,24 @@ def cmd_retrieve(args) -> None:
         print(f"{rank:>3}  {score:.3f}  {texts[index][:100]}")
 
 
+def cmd_evaluate(args) -> None:
+    from .data.m3d import write_dataset
+    from .eval.phantom_eval import evaluate_phantoms
+
+    data = args.data
+    if data is None:  # fresh phantoms the model never saw
+        data = Path(args.work) / f"eval-phantoms-seed{args.seed}"
+        if not (data / "manifest.json").is_file():
+            write_dataset(data, args.n, args.seed, modality="CT", splits=(1.0, 0.0, 0.0), progress=True)
+    results = evaluate_phantoms(_pipeline(args), data, split=args.split, n=args.n)
+    example = results.pop("example_report")
+    for key, value in results.items():
+        print(f"{key:32s} {value:.4f}" if isinstance(value, float) else f"{key:32s} {value}")
+    print(f"\nexample report:\n{example}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({**results, "example_report": example}, indent=1) + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="med3dvlm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,6 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("texts", nargs="+")
     _add_model_args(p)
     p.set_defaults(func=cmd_retrieve)
+
+    p = sub.add_parser("evaluate", help="closed-VQA accuracy, retrieval R@K and report findings on phantoms")
+    p.add_argument("--data", help="M3D-layout phantom dataset (default: write fresh phantoms)")
+    p.add_argument("--split", default="train", help="split of --data to use (default: train)")
+    p.add_argument("-n", type=int, default=100, help="number of volumes (default: 100)")
+    p.add_argument("--seed", type=int, default=12345, help="seed of fresh phantoms (default: 12345)")
+    p.add_argument("--work", default="runs", help="where fresh phantoms are written (default: runs)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    from .train.commands import add_train_parser
+
+    add_train_parser(sub)
     return parser
 
 

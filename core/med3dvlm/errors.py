@@ -15,6 +15,3 @@ class VolumeError(Med3DVLMError, ValueError):
 class ModelError(Med3DVLMError):
     """A model folder is missing, incomplete, corrupted or does not match the architecture."""
 
-
-class GenerationCancelled(Med3DVLMError):
-    """Generation was stopped by a cancellation token; partial text is kept by the caller."""

@@ -1,0 +1,54 @@
+"""The `med3dvlm` command line as a user runs it (in-process through `main`)."""
+
+import json
+
+import numpy as np
+
+from med3dvlm.cli import main
+from med3dvlm.readers import write_volume
+from med3dvlm.resources import sample_path
+from med3dvlm.volume import Volume
+
+CT = str(sample_path("ct_phantom.nii.gz"))
+MR = str(sample_path("mr_phantom_t2.nii.gz"))
+
+
+def test_info_describes_both_samples(capsys):
+    assert main(["info", CT, MR]) == 0
+    out = capsys.readouterr().out
+    assert "modality:     CT" in out and "modality:     MR (T2)" in out
+    assert "orientation:" in out and "spacing:" in out
+    assert "resize" in out and "128 x 256 x 256" in out
+
+
+def test_report_streams_text_to_stdout(capsys):
+    assert main(["report", CT]) == 0
+    out = capsys.readouterr().out
+    assert len(out.split()) > 10
+
+
+def test_report_many_volumes_to_json_files(tmp_path, capsys):
+    assert main(["report", CT, MR, "--format", "json", "--output-dir", str(tmp_path), "--max-new-tokens", "20"]) == 0
+    records = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*.json"))]
+    assert [r["volume"] for r in records] == [CT, MR]
+    assert all(r["model"] == "demo" and r["report"] for r in records)
+
+
+def test_ask_closed_question_prints_a_choice(capsys):
+    assert main(["ask", CT, "How many abnormal findings are present?", "--choices", "None", "One", "Two", "Three"]) == 0
+    answer = capsys.readouterr().out.strip()
+    assert answer in {"A. None", "B. One", "C. Two", "D. Three"}
+
+
+def test_errors_are_one_line_without_traceback(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "missing.nii.gz")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("med3dvlm: error:") and "missing.nii.gz" in err and "Traceback" not in err
+
+    flat = tmp_path / "slice.nii.gz"
+    write_volume(Volume(np.random.default_rng(0).normal(size=(32, 32, 1)).astype(np.float32), np.eye(4)), flat)
+    assert main(["info", str(flat)]) == 2
+    assert "2D" in capsys.readouterr().err
+
+    assert main(["report", CT, "--model", str(tmp_path / "no-model")]) == 2
+    assert "does not exist" in capsys.readouterr().err

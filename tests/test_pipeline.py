@@ -1,0 +1,175 @@
+"""The pipeline with the shipped demo model: report, chat, cancel, encode once, batch, errors."""
+
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import med3dvlm
+import med3dvlm.prompts
+from med3dvlm.cancel import CancelToken
+from med3dvlm.data.phantoms import make_ct_phantom
+from med3dvlm.data.questions import closed_questions
+from med3dvlm.data.reports import mentioned_findings
+from med3dvlm.errors import Med3DVLMError, ModelError, VolumeError
+from med3dvlm.pipeline import ContextWarning, _friendly_oom
+from med3dvlm.resources import demo_model_dir, sample_path
+
+SAMPLE = sample_path("ct_phantom.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return med3dvlm.load("demo", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return make_ct_phantom(987_654, n_findings=1)  # a seed far from the training seeds
+
+
+def count_encoder_calls(pipe):
+    calls = []
+    handle = pipe.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+    return calls, handle
+
+
+def test_report_on_sample_names_its_findings(pipe):
+    report = pipe.report(SAMPLE)
+    truth = {(f["organ"], f["kind"]) for f in
+             __import__("json").loads(sample_path("ct_phantom_truth.json").read_text())["findings"]}
+    assert "Findings" in report or "findings" in report
+    assert truth & mentioned_findings(report), report
+
+
+def test_report_streams_the_same_text_as_returned(pipe, phantom):
+    pieces = []
+    text = pipe.report(phantom.volume, on_token=pieces.append)
+    assert len(pieces) > 5
+    assert "".join(pieces).strip() == text
+
+
+def test_closed_question_on_a_fresh_phantom(pipe, phantom):
+    questions = closed_questions(phantom.truth, np.random.default_rng(0))
+    organ_q = [q for q in questions if q["question"].startswith("Which organ")] or questions
+    q = organ_q[0]
+    answer = pipe.ask(phantom.volume, q["question"], choices=q["choices"])
+    assert answer == f"{q['answer_choice']}. {q['answer']}", (q, answer)
+
+
+def test_follow_up_question_does_not_run_the_encoder_again(pipe, phantom):
+    pipe._cache.clear()
+    calls, handle = count_encoder_calls(pipe)
+    try:
+        first = pipe.ask(phantom.volume, "What abnormalities are present?")
+        pipe.ask(phantom.volume, "How many abnormalities are there?", history=[("What abnormalities are present?", first)])
+        pipe.report(phantom.volume)
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+
+
+def test_history_reaches_the_model(pipe, phantom):
+    """A second turn is conditioned on the first: the prompt grows and the next-token scores change."""
+    image_tokens = pipe.encode(phantom.volume)
+    question = "How large is it?"
+    logits = []
+    for history in ([], [("What abnormality is seen in the liver?", "Cyst")]):
+        prompt = med3dvlm.prompts.vqa_prompt(pipe.num_image_tokens, question, history)
+        batch = pipe._tokenize([prompt])
+        with torch.no_grad():
+            logits.append(pipe.model(image_tokens=image_tokens, **batch).logits[0, -1])
+    assert not torch.allclose(logits[0], logits[1])
+
+
+def test_cancel_stops_within_one_step(pipe, phantom):
+    token, pieces = CancelToken(), []
+
+    def on_token(piece):
+        pieces.append(piece)
+        token.cancel()
+
+    text = pipe.report(phantom.volume, on_token=on_token, cancel=token, max_new_tokens=200)
+    assert len(pieces) <= 2
+    assert len(pipe.tokenizer(text)["input_ids"]) <= 3
+
+
+def test_stream_iterator_stops_generation_when_consumer_stops(pipe, phantom):
+    stream = pipe.stream_report(phantom.volume)
+    first = next(stream)
+    stream.close()  # the worker thread is told to cancel and joined
+    assert first
+
+
+def test_batch_equals_one_by_one(pipe):
+    volumes = [make_ct_phantom(seed).volume for seed in (11, 12, 13)]
+    batch = pipe.report_batch(volumes, batch_size=3, max_new_tokens=60)
+    single = [pipe.report(v, max_new_tokens=60) for v in volumes]
+    assert batch == single
+
+
+def test_retrieval_ranks_the_true_report_first(pipe):
+    phantoms = [make_ct_phantom(seed, n_findings=1) for seed in (21, 22, 23, 24)]
+    from med3dvlm.data.reports import write_report
+
+    reports = [write_report(p.truth, np.random.default_rng(0)) for p in phantoms]
+    hits = sum(pipe.retrieve(p.volume, reports)[0][0] == i for i, p in enumerate(phantoms))
+    assert hits >= 2
+
+
+# ----- errors a user can act on ---------------------------------------------------------------------
+def test_unknown_model_folder(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        med3dvlm.load(tmp_path / "nope")
+
+
+def test_incompatible_weights_name_the_keys(tmp_path):
+    folder = tmp_path / "broken"
+    shutil.copytree(demo_model_dir(), folder)
+    tensors = load_file(folder / "model.safetensors")
+    removed = next(k for k in tensors if k.startswith("mm_projector."))
+    del tensors[removed]
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(ModelError, match="missing") as info:
+        med3dvlm.load(folder)
+    assert removed in str(info.value)
+
+
+def test_volume_refused_by_validation(pipe):
+    flat = (np.random.default_rng(0).normal(size=(64, 64, 1)) * 100).astype(np.int16)
+    with pytest.raises(VolumeError, match="2D"):
+        pipe.report((flat, np.eye(4)))
+
+
+def test_empty_question(pipe, phantom):
+    with pytest.raises(Med3DVLMError, match="empty"):
+        pipe.ask(phantom.volume, "   ")
+
+
+def test_long_history_is_truncated_with_a_warning(pipe, phantom):
+    turn = ("Describe every organ in great detail please. " * 8, "The liver is normal. " * 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        answer = pipe.ask(phantom.volume, "How many abnormalities are there?", history=[turn] * 20)
+    assert any(issubclass(w.category, ContextWarning) for w in caught)
+    assert answer
+
+
+def test_question_longer_than_the_context(pipe, phantom):
+    with pytest.raises(Med3DVLMError, match="too long"):
+        pipe.ask(phantom.volume, "why " * 2000)
+
+
+def test_out_of_gpu_memory_suggests_what_to_do():
+    with pytest.raises(ModelError, match="float16.*cpu"):
+        with _friendly_oom("generating text"):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+
+def test_quantization_without_a_gpu_says_so():
+    with pytest.raises(Med3DVLMError, match="CUDA GPU"):
+        med3dvlm.load("demo", quantization="4bit")
