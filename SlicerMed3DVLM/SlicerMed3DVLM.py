@@ -1,0 +1,172 @@
+"""Med3DVLM: reports and chat about CT and MRI volumes with a 3D vision-language model.
+
+The four classes Slicer expects, kept thin: the work is done in SlicerMed3DVLMLib (testable
+outside Slicer) and in the embedded ``med3dvlm`` package. Lib modules are imported lazily, so
+that Slicer starts even before the module's Python packages are installed.
+"""
+
+import os
+import sys
+
+import qt
+import slicer
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule, ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget,
+)
+
+
+def _use_embedded_core() -> None:
+    """A source checkout keeps med3dvlm in ../core; the built extension installs it beside this file."""
+    core = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "core")
+    if os.path.isdir(os.path.join(core, "med3dvlm")) and core not in sys.path:
+        sys.path.insert(0, core)
+
+
+def _dicom_lookup(instance_uid: str, tag: str) -> str:
+    database = getattr(slicer, "dicomDatabase", None)
+    return database.instanceValue(instance_uid, tag) if database is not None and database.isOpen else ""
+
+
+class SlicerMed3DVLM(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "Med3DVLM"
+        self.parent.categories = ["Informatics"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["SlicerMed3DVLM contributors"]
+        self.parent.helpText = (
+            "Pick a CT or MRI volume, press <b>Generate report</b> or type a question: a 3D "
+            "vision-language model (Med3DVLM) answers in the chat while Slicer stays responsive. "
+            "Reports and conversations are saved with the scene as text nodes. "
+            '<a href="https://github.com/SlicerMed3DVLM/SlicerMed3DVLM">Documentation</a>. '
+            "Research use only: not for diagnosis."
+        )
+        self.parent.acknowledgementText = (
+            "Based on Med3DVLM (Xin et al., 2025) and MedMAP (Zhu et al., 2026)."
+        )
+
+
+class SlicerMed3DVLMWidget(ScriptedLoadableModuleWidget):
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        _use_embedded_core()
+        self.logic = None
+        from SlicerMed3DVLMLib import dependencies
+
+        missing = dependencies.missing_requirements()
+        if missing:
+            self._offer_install(missing)
+        else:
+            self._build_chat()
+
+    def _offer_install(self, missing):
+        """Until the packages are there, the module shows what is missing and an Install button."""
+        self.installBox = qt.QWidget()
+        layout = qt.QVBoxLayout(self.installBox)
+        self.installLabel = qt.QLabel("Med3DVLM needs these Python packages:\n" + "\n".join(missing))
+        self.installLabel.wordWrap = True
+        button = qt.QPushButton("Install")
+        button.clicked.connect(lambda *_: self._install(missing))
+        layout.addWidget(self.installLabel)
+        layout.addWidget(button)
+        self.layout.addWidget(self.installBox)
+        self.layout.addStretch(1)
+
+    def _install(self, missing):
+        from SlicerMed3DVLMLib import dependencies
+
+        slicer.app.setOverrideCursor(qt.Qt.WaitCursor)
+        try:
+            dependencies.install(missing)
+        except dependencies.InstallError as error:
+            self.installLabel.text = str(error)
+            return
+        finally:
+            slicer.app.restoreOverrideCursor()
+        self.installBox.hide()
+        self._build_chat()
+
+    def _build_chat(self):
+        from SlicerMed3DVLMLib.chat_panel import ChatPanel
+        from SlicerMed3DVLMLib.controller import ChatController
+
+        selector = slicer.qMRMLNodeComboBox()
+        selector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
+        selector.showChildNodeTypes = False  # no label maps
+        selector.addEnabled = False
+        selector.removeEnabled = False
+        selector.noneEnabled = True
+        selector.setMRMLScene(slicer.mrmlScene)
+        selector.setToolTip("The CT or MRI volume to report on and ask about")
+        self.logic = SlicerMed3DVLMLogic()
+        self.panel = ChatPanel(volume_selector=selector)
+        self.layout.addWidget(self.panel)
+        self.controller = ChatController(self.panel, self.logic.core)
+
+    def cleanup(self):
+        """Module closed (application exit or reload): stop the model thread."""
+        if self.logic is not None:
+            self.logic.shutdown()
+
+
+class SlicerMed3DVLMLogic(ScriptedLoadableModuleLogic):
+    """For the Python console:
+
+        logic = slicer.util.getModuleLogic("SlicerMed3DVLM")  # or SlicerMed3DVLMLogic()
+        print(logic.generate_report(getNode("CTChest")))
+        logic.ask(getNode("CTChest"), "Is there a nodule?", on_token=print, on_done=print)
+
+    Blocking unless ``on_done`` is given; see SlicerMed3DVLMLib.logic.Med3DVLMLogic for the rest.
+    """
+
+    def __init__(self, scene=None):
+        ScriptedLoadableModuleLogic.__init__(self)
+        _use_embedded_core()
+        from SlicerMed3DVLMLib.logic import Med3DVLMLogic
+
+        self.core = Med3DVLMLogic(scene or slicer.mrmlScene, store=qt.QSettings(), dicom_lookup=_dicom_lookup)
+
+    def generate_report(self, volume_node, on_token=None, on_done=None, on_status=None):
+        return self.core.generate_report(volume_node, on_token, on_done, on_status)
+
+    def ask(self, volume_node, question, on_token=None, on_done=None, on_status=None):
+        return self.core.ask(volume_node, question, on_token, on_done, on_status)
+
+    def detect(self, volume_node, on_done=None, on_status=None):
+        return self.core.detect(volume_node, on_done, on_status)
+
+    def cancel(self):
+        return self.core.cancel()
+
+    def shutdown(self):
+        return self.core.shutdown()
+
+
+class SlicerMed3DVLMTest(ScriptedLoadableModuleTest):
+    """Runs the bundled demo model on a synthetic CT phantom inside Slicer."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_report_and_question_are_stored_in_the_scene()
+
+    def test_report_and_question_are_stored_in_the_scene(self):
+        _use_embedded_core()
+        from med3dvlm.data.phantoms import make_ct_phantom
+        from SlicerMed3DVLMLib import text_nodes
+        from SlicerMed3DVLMLib.logic import Med3DVLMLogic
+        from SlicerMed3DVLMLib.volume_node import node_from_volume
+
+        volume = node_from_volume(slicer.mrmlScene, make_ct_phantom(0, shape=(64, 64, 32)).volume, "CT phantom")
+        logic = Med3DVLMLogic(slicer.mrmlScene)  # default settings: the demo model
+        try:
+            report = logic.generate_report(volume)
+            self.assertTrue(report.strip())
+            self.assertTrue(logic.ask(volume, "Is there a lesion in the liver?").strip())
+            roles = {text_nodes.record_role(node) for node in logic.records(volume)}
+            self.assertEqual(roles, {text_nodes.REPORT_ROLE, text_nodes.CONVERSATION_ROLE})
+        finally:
+            self.assertTrue(logic.shutdown())
+        self.delayDisplay("Test passed")

@@ -1,0 +1,116 @@
+"""Connects the chat panel to the logic: user actions become requests, results update the panel.
+
+Holds no state of its own beyond the request in flight; both the Slicer widget and the tests
+use it, so what the tests exercise is what users run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+
+from med3dvlm.errors import Med3DVLMError
+
+from .chat_panel import ChatPanel
+from .logic import Med3DVLMLogic, Result, Status
+
+
+class ChatController:
+    def __init__(self, panel: ChatPanel, logic: Med3DVLMLogic, prepare: Callable[[], None] | None = None) -> None:
+        """``prepare()`` runs before each request (Slicer: install missing packages with consent);
+        it raises Med3DVLMError to refuse with a message."""
+        self.panel, self.logic, self.prepare = panel, logic, prepare
+        self._streaming_volume: str | None = None
+        panel.on_send = self.ask
+        panel.on_report = self.generate_report
+        panel.on_stop = self.logic.cancel
+        panel.on_clear = self.clear
+        panel.on_volume_changed = self.show_volume
+        panel.on_apply_settings = self.apply_settings
+        if panel.owns_selector:
+            logic.add_volumes_listener(self.refresh_volumes)
+            self.refresh_volumes()
+        panel.set_settings_values(asdict(logic.settings))
+        self.update_model_label()
+        self.show_volume()
+
+    def refresh_volumes(self) -> None:
+        self.panel.set_volume_choices(self.logic.volume_choices())
+
+    def show_volume(self) -> None:
+        """Show the selected volume's reports and conversation (as stored in the scene, where a
+        streaming answer is complete up to the last token delivered)."""
+        volume = self.panel.selected_volume_id()
+        self.panel.transcript_title = f"Med3DVLM conversation — {self.logic.volume_name(volume)}"
+        streaming = self.logic.busy and volume == self._streaming_volume
+        self.panel.show_turns(self.logic.session_turns(volume), streaming=streaming)
+
+    def generate_report(self) -> None:
+        self._start(lambda volume, **callbacks: self.logic.generate_report(volume, **callbacks))
+
+    def ask(self, question: str) -> None:
+        self._start(lambda volume, **callbacks: self.logic.ask(volume, question, **callbacks))
+
+    def detect(self) -> None:
+        self._start(lambda volume, **callbacks: self.logic.detect(volume, **callbacks), stream=False)
+
+    def _start(self, request, stream: bool = True) -> None:
+        volume = self.panel.selected_volume_id()
+        try:
+            if self.prepare is not None:
+                self.prepare()
+            callbacks = {"on_done": self._done, "on_status": self._status}
+            if stream:
+                callbacks["on_token"] = self._token
+            request(volume, **callbacks)
+        except Med3DVLMError as error:  # no volume, 2D volume, busy, empty question, refused install
+            self.panel.show_error(str(error))
+            return
+        self._streaming_volume = volume
+        self.panel.show_turns(self.logic.session_turns(volume), streaming=stream)
+        self.panel.set_busy(True)
+
+    def _token(self, piece: str) -> None:
+        if self.panel.selected_volume_id() == self._streaming_volume:
+            self.panel.append_stream(piece)
+
+    def _status(self, status: Status) -> None:
+        busy = status.stage in ("loading", "encoding", "generating")
+        self.panel.set_status(status.message, busy, status.tokens, status.max_tokens)
+        self.update_model_label()
+
+    def _done(self, result: Result) -> None:
+        volume, self._streaming_volume = self._streaming_volume, None
+        self.panel.set_busy(False)
+        if self.panel.selected_volume_id() == volume:
+            self.panel.show_turns(self.logic.session_turns(volume))
+            if result.error:
+                self.panel.show_error(result.error)
+
+    def clear(self) -> None:
+        try:
+            self.logic.clear_session(self.panel.selected_volume_id())
+        except Med3DVLMError as error:
+            self.panel.show_error(str(error))
+            return
+        self.panel.show_turns([])
+        self.panel.set_status("Chat cleared; earlier reports and conversations stay in the scene.")
+
+    def apply_settings(self, values: dict) -> None:
+        before = self.logic.settings.load_key
+        try:
+            settings = self.logic.update_settings(**values)
+        except (TypeError, ValueError) as error:
+            self.panel.show_error(f"Settings not applied: {error}.")
+            return
+        self.panel.set_settings_values(asdict(settings))
+        self.update_model_label()
+        reload = settings.load_key != before
+        self.panel.set_status("Settings saved" + ("; the model loads with the next request." if reload else "."))
+
+    def update_model_label(self) -> None:
+        if self.logic.model_is_loaded:
+            text = f"Model: {self.logic.loaded_model}"
+        else:
+            text = f"Model: {self.logic.settings.model} (loads on first use)"
+        self.panel.set_model_label(text)

@@ -1,0 +1,383 @@
+"""The module logic: reports, questions and findings for volume nodes, usable from the Python console.
+
+    logic = Med3DVLMLogic(slicer.mrmlScene)
+    text = logic.generate_report(volume_node)                       # blocks, returns the report
+    logic.ask(volume_node, "Is there a lesion?", on_token=print,    # returns the text node at once;
+              on_done=lambda result: print(result.text))            # callbacks run on the main thread
+
+One request at a time: a second one while the first runs is refused with ``BusyError`` (not
+queued, so that nothing runs that the user has forgotten about). The model loads lazily on the
+worker thread; MRML nodes are read and written only here, on the main thread. No Qt or CTK in
+this file: the worker's QTimer is the only Qt it relies on, and blocking calls need none.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from med3dvlm.errors import Med3DVLMError
+
+from . import text_nodes
+from .settings import Settings, SettingsStore, load_settings, save_settings
+from .transcript import Turn, now, qa_pairs
+from .volume_node import DicomLookup, volume_from_node
+from .worker import Job, Worker
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[Settings], Any]  # settings -> pipeline (report, ask, detect, encode, model_name)
+REQUEST_TEXT = {"report": "Generate a report", "findings": "Detect abnormalities"}
+ROLE_OF = {"report": text_nodes.REPORT_ROLE, "answer": text_nodes.CONVERSATION_ROLE,
+           "findings": text_nodes.FINDINGS_ROLE}
+WHAT = {"report": "the report", "answer": "the answer", "findings": "abnormality detection"}
+
+
+class BusyError(Med3DVLMError):
+    """A request came while another one runs."""
+
+
+@dataclass
+class Result:
+    kind: str  # "report", "answer" or "findings"
+    text: str = ""
+    node_id: str | None = None
+    scores: dict[str, float] | None = None
+    stopped: bool = False
+    error: str | None = None  # a sentence for the user when the request failed
+
+
+@dataclass
+class Status:
+    stage: str  # loading, encoding, generating, done, stopped, failed
+    message: str
+    tokens: int = 0
+    max_tokens: int = 0
+
+
+def default_loader(settings: Settings):
+    from med3dvlm.pipeline import load  # imports torch: only on the worker thread, on first use
+
+    return load(model=settings.model, device=settings.device, dtype=settings.dtype)
+
+
+def user_message(error: BaseException, kind: str, model: str) -> str:
+    if isinstance(error, Med3DVLMError):
+        return str(error)
+    if isinstance(error, NotImplementedError):
+        return f"The model '{model}' cannot do {WHAT[kind]} yet."
+    if isinstance(error, MemoryError):
+        return f"Not enough memory for {WHAT[kind]}; close other programs or choose the CPU or a smaller model."
+    return (f"Unexpected error during {WHAT[kind]} ({type(error).__name__}: {error}); "
+            "the details are in the Python console.")
+
+
+def _describe(pipeline, settings: Settings) -> str:
+    """'demo (cpu, float32)': the model in use, with the device and precision it really got."""
+    device = getattr(pipeline, "device", settings.device)
+    dtype = str(getattr(pipeline, "dtype", settings.dtype)).replace("torch.", "")
+    return f"{pipeline.model_name} ({device}, {dtype})"
+
+
+class _Request:
+    """State of the running request, owned by the main thread (``tokens`` is counted by the worker)."""
+
+    def __init__(self, kind: str, node, turns: list[Turn], callbacks: dict, max_tokens: int) -> None:
+        self.kind, self.node, self.turns, self.callbacks = kind, node, turns, callbacks
+        self.max_tokens = max_tokens
+        self.tokens = 0  # counted, and the two times below taken, on the worker thread
+        self.started = 0.0
+        self.last_token = 0.0
+        self.detached = False  # the scene closed: stop writing into it
+        self.result = Result(kind, node_id=node.GetID())
+        self.exception: BaseException | None = None
+        self.job: Job | None = None
+
+
+class Med3DVLMLogic:
+    def __init__(self, scene, *, loader: Loader = default_loader, store: SettingsStore | None = None,
+                 dicom_lookup: DicomLookup | None = None, poll_ms: int = 15) -> None:
+        self.scene = scene
+        self._loader = loader
+        self._store = store
+        self._settings = load_settings(store)
+        self._dicom_lookup = dicom_lookup
+        self._worker = Worker(poll_ms)
+        self._pipeline = None  # touched only on the worker thread
+        self._pipeline_key: tuple | None = None
+        self.loaded_model: str | None = None  # "name (device, precision)" of the loaded model
+        self._request: _Request | None = None
+        self._volume_listeners: list[Callable[[], None]] = []
+        self._observers = [scene.AddObserver(scene.StartCloseEvent, self._on_scene_start_close)]
+        for event in (scene.NodeAddedEvent, scene.NodeRemovedEvent, scene.EndCloseEvent, scene.EndImportEvent):
+            self._observers.append(scene.AddObserver(event, self._on_scene_changed))
+
+    # ----- settings and state ---------------------------------------------------------------
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    def update_settings(self, **changes: Any) -> Settings:
+        """Change and store settings; a new model, device or precision loads on the next request."""
+        self._settings = self._settings.updated(**changes)
+        save_settings(self._store, self._settings)
+        return self._settings
+
+    @property
+    def busy(self) -> bool:
+        return self._worker.busy
+
+    @property
+    def model_is_loaded(self) -> bool:
+        """True when the model of the current settings is in memory (the next request starts at once)."""
+        return self._pipeline is not None and self._pipeline_key == self._settings.load_key
+
+    @property
+    def worker_thread(self):
+        return self._worker.thread
+
+    def cancel(self) -> bool:
+        """Stop the running request (its partial text is kept); False if none runs."""
+        busy = self.busy
+        self._worker.cancel()
+        return busy
+
+    def shutdown(self, timeout: float = 10.0) -> bool:
+        """Stop the worker thread and forget the scene (module closed; the logic is not usable
+        afterwards); True if the thread ended."""
+        for tag in self._observers:
+            self.scene.RemoveObserver(tag)
+        self._observers = []
+        if self._request is not None:
+            self._request.detached = True
+        stopped = self._worker.shutdown(timeout)
+        if not stopped:
+            log.warning("Med3DVLM: the model thread did not stop within %.0f s", timeout)
+        self._request = None
+        self._pipeline = None
+        return stopped
+
+    # ----- requests ---------------------------------------------------------------------------
+    def generate_report(self, volume_node, on_token=None, on_done=None, on_status=None):
+        """A report of the volume. Blocks and returns the text unless ``on_done`` is given; then it
+        returns the text node being filled and calls ``on_done(Result)`` when finished."""
+        return self._run("report", volume_node, "", on_token, on_done, on_status)
+
+    def ask(self, volume_node, question: str, on_token=None, on_done=None, on_status=None):
+        """An answer about the volume, continuing its conversation; blocking unless ``on_done`` is given."""
+        return self._run("answer", volume_node, question, on_token, on_done, on_status)
+
+    def detect(self, volume_node, on_done=None, on_status=None):
+        """Abnormality scores {name: probability}; blocking unless ``on_done`` is given."""
+        return self._run("findings", volume_node, "", None, on_done, on_status)
+
+    def _run(self, kind, volume_node, question, on_token, on_done, on_status):
+        callbacks = {"token": on_token, "done": on_done, "status": on_status}
+        request = self._start(kind, self._resolve(volume_node), question, callbacks)
+        if on_done is not None:
+            return request.node
+        self._worker.wait(request.job)
+        if request.exception is not None:
+            raise request.exception
+        return request.result.scores if kind == "findings" else request.result.text
+
+    def _resolve(self, volume_node):
+        if isinstance(volume_node, str):
+            return self.scene.GetNodeByID(volume_node)
+        return volume_node
+
+    def _start(self, kind: str, node, question: str, callbacks: dict) -> _Request:
+        if self._request is not None:
+            raise BusyError(f"Med3DVLM is still working on {WHAT[self._request.kind]}; wait for it or press Stop.")
+        question = (question or "").strip()
+        if kind == "answer" and not question:
+            raise Med3DVLMError("The question is empty; type a question about the volume.")
+        volume = volume_from_node(node, self._dicom_lookup)  # VolumeError for no/2D/colour volumes
+        settings = self._settings
+        role = ROLE_OF[kind]
+        record = text_nodes.active_conversation(self.scene, node) if kind == "answer" else None
+        if record is None:
+            record = text_nodes.create_record(self.scene, node, role, settings.model)
+        earlier = text_nodes.get_turns(record)
+        turns = earlier + [Turn("user", question or REQUEST_TEXT[kind], now()), Turn("model", "", now())]
+        text_nodes.set_turns(record, turns, status="generating")
+        request = _Request(kind, record, turns, callbacks, settings.max_new_tokens)
+        work = self._work(kind, volume, question, qa_pairs(earlier), settings, request)
+        self._request = request
+        request.job = self._worker.submit(work, lambda event, payload: self._on_event(request, event, payload))
+        return request
+
+    def _work(self, kind, volume, question, history, settings: Settings, request: _Request):
+        """The function the worker thread runs: plain Python, no MRML, no Qt."""
+        def count(emit):
+            def on_token(piece: str) -> None:
+                request.tokens += 1
+                request.last_token = time.monotonic()
+                emit("token", piece)
+            return on_token
+
+        def generate(emit, cancel):
+            pipeline = self._pipeline_for(settings, emit)
+            if cancel.cancelled:
+                return None
+            emit("status", "encoding")
+            pipeline.encode(volume)  # cached by the pipeline: instant for a volume seen before
+            if cancel.cancelled:
+                return None
+            request.started = time.monotonic()
+            emit("status", "generating")
+            gen = settings.generation()
+            if kind == "report":
+                return pipeline.report(volume, on_token=count(emit), cancel=cancel, **gen)
+            if kind == "answer":
+                return pipeline.ask(volume, question, history=history, on_token=count(emit), cancel=cancel, **gen)
+            return pipeline.detect(volume)
+
+        def work(emit, cancel):
+            value = generate(emit, cancel)
+            return value, cancel.cancelled  # stopped only if the stop came before the answer was complete
+
+        return work
+
+    def _pipeline_for(self, settings: Settings, emit):
+        if self._pipeline is None or self._pipeline_key != settings.load_key:
+            self._pipeline = self._pipeline_key = None  # free the old model before loading another
+            emit("status", "loading")
+            self._pipeline = self._loader(settings)
+            self._pipeline_key = settings.load_key
+            emit("loaded", _describe(self._pipeline, settings))
+        return self._pipeline
+
+    # ----- events, on the main thread -----------------------------------------------------------
+    def _on_event(self, request: _Request, event: str, payload) -> None:
+        if event == "loaded":
+            self.loaded_model = payload
+        elif event == "status":
+            self._notify(request, self._status(request, payload))
+        elif event == "token":
+            request.turns[-1].text += payload
+            self._write(request, "generating")
+            self._call(request.callbacks["token"], payload)
+            self._notify(request, self._status(request, "generating"))
+        elif event == "done":
+            self._finish(request, payload)
+        elif event == "error":
+            self._fail(request, *payload)
+
+    def _status(self, request: _Request, stage: str) -> Status:
+        end = request.last_token if stage in ("done", "stopped") else time.monotonic()
+        elapsed = max(0.0, end - request.started) if request.started else 0.0
+        rate = request.tokens / elapsed if elapsed > 0 else 0.0
+        messages = {
+            "loading": f"Loading model {self._settings.model}…",
+            "encoding": "Encoding the volume…",
+            "generating": f"Generating: {request.tokens} tokens, {rate:.1f} tok/s",
+            "done": f"Done: {request.tokens} tokens in {elapsed:.1f} s ({rate:.1f} tok/s)",
+            "stopped": f"Stopped after {request.tokens} tokens.",
+        }
+        if request.kind == "findings" and stage in ("generating", "done"):
+            messages.update(generating="Scoring abnormalities…", done="Done: abnormality scores ready.")
+        return Status(stage, messages[stage], request.tokens, request.max_tokens)
+
+    def _finish(self, request: _Request, outcome: tuple) -> None:
+        value, stopped = outcome
+        request.result.stopped = stopped
+        if request.kind == "findings" and value:
+            request.result.scores = dict(value)
+            value = "\n".join(f"{name}: {score:.2f}" for name, score in request.result.scores.items())
+        text = request.result.text = request.turns[-1].text = value or request.turns[-1].text
+        stage = "stopped" if stopped else "done"
+        if stopped and not text:  # stopped before any output: nothing worth keeping
+            if not request.detached:
+                self._discard(request)
+        else:
+            request.turns[-1].note = "stopped" if stopped else ""
+            self._write(request, "stopped" if stopped else "complete")
+        self._end(request, self._status(request, stage))
+
+    def _fail(self, request: _Request, error: BaseException, trace: str) -> None:
+        message = user_message(error, request.kind, self._settings.model)
+        if not isinstance(error, (Med3DVLMError, NotImplementedError, MemoryError)):
+            log.error("Med3DVLM: %s\n%s", message, trace)
+        request.exception = error if isinstance(error, Med3DVLMError) else Med3DVLMError(message)
+        request.result.error = message
+        if request.turns[-1].text:  # keep what was generated, marked as failed
+            request.turns[-1].note = "failed"
+            self._write(request, "failed")
+        elif not request.detached:  # nothing to keep: undo the request in the scene
+            self._discard(request)
+        self._end(request, Status("failed", message))
+
+    def _discard(self, request: _Request) -> None:
+        remaining = request.turns[:-2]
+        if remaining and self.scene.IsNodePresent(request.node):
+            text_nodes.set_turns(request.node, remaining, status="complete")
+        elif self.scene.IsNodePresent(request.node):
+            self.scene.RemoveNode(request.node)
+        request.result.node_id = None
+
+    def _end(self, request: _Request, status: Status) -> None:
+        if self._request is request:
+            self._request = None
+        self._notify(request, status)
+        self._call(request.callbacks["done"], request.result)
+
+    def _write(self, request: _Request, status: str) -> None:
+        if not request.detached and self.scene.IsNodePresent(request.node):
+            text_nodes.set_turns(request.node, request.turns, status=status)
+
+    def _notify(self, request: _Request, status: Status) -> None:
+        self._call(request.callbacks["status"], status)
+
+    @staticmethod
+    def _call(callback, *args) -> None:
+        if callback is None:
+            return
+        try:
+            callback(*args)
+        except Exception:  # a broken callback must not break streaming into the scene
+            log.exception("Med3DVLM: a callback failed")
+
+    # ----- scene ------------------------------------------------------------------------------
+    def _on_scene_start_close(self, caller=None, event=None) -> None:
+        if self._request is not None:
+            self._request.detached = True
+            self._worker.cancel()
+
+    def _on_scene_changed(self, caller=None, event=None) -> None:
+        for listener in list(self._volume_listeners):
+            self._call(listener)
+
+    def add_volumes_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` when nodes are added to or removed from the scene."""
+        self._volume_listeners.append(listener)
+
+    def volume_choices(self) -> list[tuple[str, str]]:
+        """(node ID, name) of the image volumes in the scene (label maps excluded)."""
+        nodes = self.scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
+        items = (nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems()))
+        return [(n.GetID(), n.GetName()) for n in items if not n.IsA("vtkMRMLLabelMapVolumeNode")]
+
+    def volume_name(self, volume_node) -> str:
+        node = self._resolve(volume_node)
+        return node.GetName() if node is not None else "no volume"
+
+    def session_turns(self, volume_node) -> list[Turn]:
+        """The turns shown in the chat for a volume: reports, findings and the current conversation."""
+        node = self._resolve(volume_node)
+        return text_nodes.session_turns(self.scene, node) if node is not None else []
+
+    def clear_session(self, volume_node) -> None:
+        """Start a fresh chat for the volume; earlier records stay in the scene (archived)."""
+        if self._request is not None:
+            raise BusyError("Med3DVLM is still answering; press Stop before clearing the chat.")
+        node = self._resolve(volume_node)
+        if node is not None:
+            text_nodes.archive_session(self.scene, node)
+
+    def records(self, volume_node, role: str | None = None, include_archived: bool = True) -> list:
+        """The volume's text nodes (reports, conversations, findings), oldest first."""
+        return text_nodes.records(self.scene, self._resolve(volume_node), role, include_archived)

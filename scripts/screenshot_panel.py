@@ -1,0 +1,75 @@
+"""Render the Med3DVLM chat panel offscreen after a report and two questions; save a PNG.
+
+    python scripts/screenshot_panel.py                 # the bundled demo model
+    python scripts/screenshot_panel.py --model FOLDER  # another model folder
+    python scripts/screenshot_panel.py --standin       # the tests' stand-in model (no weights needed)
+
+The panel, logic and scene are the module's own (real MRML, real Qt), outside the Slicer application.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTIONS = ("Is there a lesion in the liver?", "Are the kidneys normal?")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="demo", help="'demo' or a model folder")
+    parser.add_argument("--standin", action="store_true", help="use tests/slicer_standin.py instead of a model")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "panel.png"))
+    args = parser.parse_args()
+
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    sys.path[:0] = [str(ROOT / "SlicerMed3DVLM"), str(ROOT / "tests")]
+    from med3dvlm.data.phantoms import make_ct_phantom
+    from qtpy.QtWidgets import QApplication
+    from slicer import vtkMRMLScene
+
+    from SlicerMed3DVLMLib.chat_panel import ChatPanel
+    from SlicerMed3DVLMLib.controller import ChatController
+    from SlicerMed3DVLMLib.logic import Med3DVLMLogic, default_loader
+    from SlicerMed3DVLMLib.volume_node import node_from_volume
+
+    app = QApplication.instance() or QApplication([])
+    scene = vtkMRMLScene()
+    node_from_volume(scene, make_ct_phantom(0).volume, "CT abdomen phantom")
+    if args.standin:
+        from slicer_standin import standin_loader
+
+        loader = standin_loader(token_delay=0.01)
+    else:
+        loader = default_loader
+    logic = Med3DVLMLogic(scene, loader=loader)
+    logic.update_settings(model=args.model, max_new_tokens=96)
+    panel = ChatPanel()
+    panel.resize(560, 780)
+    controller = ChatController(panel, logic)
+    panel.show()
+
+    def run(action) -> None:
+        action()
+        while logic.busy:
+            app.processEvents()
+            time.sleep(0.005)
+        app.processEvents()
+
+    run(controller.generate_report)
+    for question in QUESTIONS:
+        run(lambda: controller.ask(question))
+    failures = [t.text for t in panel.turns if t.role == "error"]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    panel.grab().save(args.out)
+    logic.shutdown()
+    print(f"saved {args.out}" + (f"; errors shown: {failures}" if failures else ""))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

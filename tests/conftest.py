@@ -1,0 +1,50 @@
+"""Shared test setup: Qt runs offscreen, and the Slicer module's code is importable."""
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # before anything imports Qt
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT / "SlicerMed3DVLM",):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+
+@pytest.fixture
+def scene():
+    from slicer import vtkMRMLScene
+
+    return vtkMRMLScene()
+
+
+@pytest.fixture
+def make_volume(scene):
+    """make_volume(array[i, j, k], ijk_to_ras=None, name=...) -> a scalar volume node in ``scene``."""
+    from vtkmodules.util.numpy_support import numpy_to_vtk
+    from vtkmodules.vtkCommonDataModel import vtkImageData
+    from vtkmodules.vtkCommonMath import vtkMatrix4x4
+
+    def make(array, ijk_to_ras=None, name="CT abdomen", node_class="vtkMRMLScalarVolumeNode"):
+        array = np.asarray(array)
+        components = array.shape[3] if array.ndim == 4 else 1
+        image = vtkImageData()
+        image.SetDimensions(*array.shape[:3])
+        # VTK stores x (i) fastest: the [k, j, i] C-order ravel of the array
+        flat = np.ascontiguousarray(np.moveaxis(array.reshape(*array.shape[:3], components), (0, 1, 2), (2, 1, 0)))
+        image.GetPointData().SetScalars(numpy_to_vtk(flat.reshape(-1, components), deep=True))
+        node = scene.AddNewNodeByClass(node_class, name)
+        node.SetAndObserveImageData(image)
+        if ijk_to_ras is not None:
+            matrix = vtkMatrix4x4()
+            for r in range(4):
+                for c in range(4):
+                    matrix.SetElement(r, c, float(ijk_to_ras[r][c]))
+            node.SetIJKToRASMatrix(matrix)
+        return node
+
+    return make

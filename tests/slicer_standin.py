@@ -1,0 +1,90 @@
+"""A small deterministic stand-in for ``med3dvlm.pipeline.Pipeline`` (same calling contract).
+
+It streams words with a short sleep per token (or, with ``spin=True``, a pure-Python busy loop
+that holds the GIL like a model's Python-side work), honours ``cancel`` within one token, and
+counts how often a new volume content is encoded. The module's logic must not know about it: tests pass
+``standin_loader(...)`` where the logic takes a loader.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import numpy as np
+from med3dvlm.errors import Med3DVLMError, ModelError
+
+WORDS = ("no", "focal", "lesion", "is", "seen", "in", "the", "liver", "spleen", "or", "kidneys")
+
+
+class StandInPipeline:
+    def __init__(self, model_name: str = "stand-in", token_delay: float = 0.002, report_words: int = 24,
+                 scores: dict[str, float] | None = None, spin: bool = False) -> None:
+        self.model_name = model_name
+        self.token_delay = token_delay
+        self.spin = spin
+        self.report_words = report_words
+        self.scores = scores
+        self.encode_calls = 0
+        self._encoded: set[str] = set()
+        self.generate_kwargs: list[dict] = []
+
+    def encode(self, volume) -> str:
+        key = hashlib.sha1(np.ascontiguousarray(volume.array).tobytes() + volume.affine.tobytes()).hexdigest()
+        if key not in self._encoded:
+            self._encoded.add(key)
+            self.encode_calls += 1
+        return key
+
+    def report(self, volume, *, on_token=None, cancel=None, **gen) -> str:
+        self.encode(volume)
+        stats = [volume.modality, f"{volume.shape[0]}x{volume.shape[1]}x{volume.shape[2]}",
+                 f"mean={float(volume.array.mean()):.1f}"]
+        words = stats + [WORDS[i % len(WORDS)] for i in range(self.report_words - len(stats))]
+        return self._stream(words, on_token, cancel, gen)
+
+    def ask(self, volume, question, *, history=(), on_token=None, cancel=None, **gen) -> str:
+        self.encode(volume)
+        if not question.strip():
+            raise Med3DVLMError("The question is empty; type a question about the volume.")
+        words = ["Answer", f"#{len(history) + 1}:", *question.split()]
+        return self._stream(words, on_token, cancel, gen)
+
+    def detect(self, volume) -> dict[str, float]:
+        if self.scores is None:
+            raise NotImplementedError("detection")
+        self.encode(volume)
+        return dict(self.scores)
+
+    def _stream(self, words, on_token, cancel, gen) -> str:
+        self.generate_kwargs.append(gen)
+        pieces: list[str] = []
+        for index, word in enumerate(words[: gen.get("max_new_tokens", len(words))]):
+            if cancel is not None and cancel.cancelled:
+                break
+            self._pause()
+            piece = word if index == 0 else " " + word
+            pieces.append(piece)
+            if on_token is not None:
+                on_token(piece)
+        return "".join(pieces)
+
+
+    def _pause(self) -> None:
+        if not self.spin:
+            time.sleep(self.token_delay)
+            return
+        end = time.perf_counter() + self.token_delay
+        while time.perf_counter() < end:
+            pass
+
+
+def standin_loader(**options):
+    """A loader for the logic: 'demo' and existing folders load, anything else is a ModelError."""
+    def load(settings) -> StandInPipeline:
+        if settings.model != "demo" and not Path(settings.model).is_dir():
+            raise ModelError(f"Model folder {settings.model} does not exist; pass 'demo' or a folder holding "
+                             "config.json and *.safetensors.")
+        return StandInPipeline(**options)
+    return load
