@@ -14,6 +14,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="demo", help="'demo' (bundled) or a model folder (default: demo)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
     p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16 (default: auto)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="permit official .bin weights (loaded with weights_only=True)")
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -31,7 +33,7 @@ def _settings(args) -> dict:
 def _pipeline(args):
     from .pipeline import load
 
-    return load(args.model, device=args.device, dtype=args.dtype)
+    return load(args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle)
 
 
 def _progress(total: int, unit: str):
@@ -133,6 +135,30 @@ def cmd_evaluate(args) -> None:
         Path(args.json).write_text(json.dumps({**results, "example_report": example}, indent=1) + "\n")
 
 
+def cmd_inspect(args) -> None:
+    from .inspect_model import describe_model, format_description
+
+    folder = _model_folder(args.model)
+    info = describe_model(folder, allow_pickle=args.allow_pickle)
+    print(json.dumps(info, indent=1, default=str) if args.json else format_description(info))
+
+
+def cmd_convert(args) -> None:
+    import torch
+
+    from .convert import convert
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    out = convert(args.source, args.out, dtype=dtype, allow_pickle=args.allow_pickle)
+    print(f"wrote {out}; load it with: med3dvlm report VOLUME --model {out}")
+
+
+def _model_folder(model: str) -> Path:
+    from .resources import demo_model_dir
+
+    return demo_model_dir() if model == "demo" else Path(model)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="med3dvlm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -186,6 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the results to this JSON file")
     _add_model_args(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("inspect", help="what a model folder is, its size, and the memory it needs")
+    p.add_argument("model", help="'demo' or a model folder (ours or an official release)")
+    p.add_argument("--json", action="store_true", help="print the details as JSON")
+    p.add_argument("--allow-pickle", action="store_true", help="also read .bin weights (weights_only)")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("convert", help="write an official release folder in this package's own format")
+    p.add_argument("source", help="official Med3DVLM folder")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
+    p.add_argument("--allow-pickle", action="store_true", help="also read .bin weights (weights_only)")
+    p.set_defaults(func=cmd_convert)
 
     from .train.commands import add_train_parser
 

@@ -27,6 +27,7 @@ import torch
 from . import prompts
 from .cancel import CancelToken
 from .checkpoints import SIGLIP_FOLDER, load_bundle, load_siglip
+from .official import is_official_folder, load_official
 from .errors import Med3DVLMError, ModelError
 from .generation import ANSWER_SETTINGS, REPORT_SETTINGS, CallbackStreamer, GenerationSettings, stopping_criteria
 from .preprocess import PRESETS, PreprocessConfig, preprocess
@@ -69,8 +70,12 @@ def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
 
 
 def load(model: str | os.PathLike = "demo", device: str = "auto", dtype: str | torch.dtype = "auto",
-         quantization: str | None = None, cache_size: int = 8) -> "Pipeline":
-    """Load a model folder (or the bundled ``"demo"`` model) into a ready-to-use pipeline."""
+         quantization: str | None = None, cache_size: int = 8, allow_pickle: bool = False) -> "Pipeline":
+    """Load a model folder (or the bundled ``"demo"`` model) into a ready-to-use pipeline.
+
+    Our own bundles and the official Med3DVLM / M3D-LaMed release folders are recognised by their
+    config; ``allow_pickle`` permits official ``.bin`` weights (read with ``weights_only=True``).
+    """
     folder = demo_model_dir() if str(model) == "demo" else Path(model).expanduser()
     if not folder.is_dir():
         raise ModelError(f"Model folder {folder} does not exist; pass 'demo' or a folder holding "
@@ -80,7 +85,10 @@ def load(model: str | os.PathLike = "demo", device: str = "auto", dtype: str | t
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     with _friendly_oom("loading the model"):
-        vlm, tokenizer = load_bundle(folder, device=torch_device, dtype=torch_dtype)
+        if is_official_folder(folder):
+            vlm, tokenizer = load_official(folder, device=torch_device, dtype=torch_dtype, allow_pickle=allow_pickle)
+        else:
+            vlm, tokenizer = load_bundle(folder, device=torch_device, dtype=torch_dtype)
         siglip = folder / SIGLIP_FOLDER
         retrieval = load_siglip(siglip, device=torch_device, dtype=torch_dtype) if siglip.is_dir() else None
     name = "demo" if str(model) == "demo" else folder.name
@@ -251,7 +259,8 @@ class Pipeline:
 
     def _tokenize(self, prompts_: Sequence[str]) -> dict[str, torch.Tensor]:
         self.tokenizer.padding_side = "left"
-        batch = self.tokenizer(list(prompts_), return_tensors="pt", padding=True, add_special_tokens=False)
+        # Special tokens as the tokenizer adds them: M3D-LaMed's BOS is part of the official layout.
+        batch = self.tokenizer(list(prompts_), return_tensors="pt", padding=True)
         return {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
 
     @torch.inference_mode()
@@ -285,7 +294,7 @@ class Pipeline:
         """The choice whose answer text (``"B. spleen"`` + EOS) the model finds most likely, by mean
         token log-likelihood; tokenised as in training: prompt ids, then " " + answer ids."""
         candidates = [prompts.choice_answer(letter, choices) for letter in prompts.LETTERS[:len(choices)]]
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        prompt_ids = self.tokenizer(prompt)["input_ids"]
         scores = []
         with self._lock:
             for answer in candidates:

@@ -53,7 +53,7 @@ def collate_examples(examples: Sequence[Example], tokenizer, max_length: int) ->
     """Right-padded input ids with labels on the answer (and EOS) only."""
     rows, labels = [], []
     for ex in examples:
-        prompt_ids = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
+        prompt_ids = tokenizer(ex.prompt)["input_ids"]  # with BOS where the tokenizer adds one, as at inference
         answer_ids = tokenizer(" " + ex.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids = (prompt_ids + answer_ids)[:max_length]
         rows.append(ids)
