@@ -74,10 +74,13 @@ class SigLIPModel(nn.Module):
         self.t_prime = nn.Parameter(torch.tensor(float(t_prime_init)))
         self.bias = nn.Parameter(torch.tensor(float(bias_init)))
 
+    def image_features(self, images: Tensor) -> Tensor:
+        """(B, 1, D, H, W) -> (B, C) last-stage tokens averaged, before the projection."""
+        return stage_tokens(self.vision_encoder(images)[-1]).mean(dim=1)
+
     def encode_image(self, images: Tensor) -> Tensor:
         """(B, 1, D, H, W) -> (B, embed_dim), unit length."""
-        pooled = stage_tokens(self.vision_encoder(images)[-1]).mean(dim=1)
-        return F.normalize(self.mm_vision_proj(pooled), dim=-1)
+        return F.normalize(self.mm_vision_proj(self.image_features(images)), dim=-1)
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """(B, L) token ids -> (B, embed_dim), unit length."""

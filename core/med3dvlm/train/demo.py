@@ -2,7 +2,7 @@
 
 Steps: write CT phantom datasets in the M3D layouts (two shards in parallel, one per core) ->
 train a BPE tokenizer on their text -> SigLIP pre-training of a DCFormer-nano image tower and a
-small BERT text tower -> a VLM whose encoder is the SigLIP image tower (frozen) -> instruction
+small BERT text tower, helped by a linear probe on the phantoms' ground-truth labels -> a VLM whose encoder is the SigLIP image tower (frozen) -> instruction
 tuning of projector + LM on reports and VQA. The LM is a small Qwen2 trained from scratch, so it
 is trained fully together with the projector (a separate projector-only stage needs a pre-trained
 LM). Output: a model bundle with its retrieval towers in ``siglip/`` and the recipe that made it.
@@ -20,6 +20,7 @@ import torch
 from transformers import Qwen2Config
 
 from ..checkpoints import SIGLIP_FOLDER, save_bundle, save_siglip
+from ..data.lesions import ABNORMALITIES, ORGANS
 from ..data.m3d import CAP_JSON, read_cap, read_vqa, write_dataset
 from ..models.dcformer import DCFormerConfig
 from ..models.text import TextConfig
@@ -48,7 +49,7 @@ class DemoRecipe:
     lm_context: int = 640
     low_output_size: tuple[int, int] = (16, 16)
     high_output_size: tuple[int, int] = (8, 16)
-    siglip: dict = field(default_factory=lambda: {"epochs": 8, "batch_size": 16, "lr": 1e-3,
+    siglip: dict = field(default_factory=lambda: {"epochs": 10, "batch_size": 16, "lr": 1e-3,
                                                   "weight_decay": 0.05, "warmup_steps": 50})
     vlm: dict = field(default_factory=lambda: {"epochs": 3, "batch_size": 32, "lr": 2e-3,
                                                "weight_decay": 0.0, "warmup_steps": 100})
@@ -63,8 +64,31 @@ def _shard(args) -> str:
 def write_shards(work: Path, n: int, seed: int, shards: int = 2) -> list[Path]:
     sizes = [n // shards + (i < n % shards) for i in range(shards)]
     jobs = [(str(work / f"phantoms-{i}"), size, seed * shards + i) for i, size in enumerate(sizes) if size]
+    if all(_written(Path(root), size, shard_seed) for root, size, shard_seed in jobs):
+        return [Path(root) for root, _, _ in jobs]  # a rerun in the same work folder reuses them
     with ProcessPoolExecutor(len(jobs)) as pool:
         return [Path(root) for root in pool.map(_shard, jobs)]
+
+
+def finding_labels(roots: list[Path]) -> dict[str, torch.Tensor]:
+    """Image path -> multi-hot ground truth: (organ, kind) pairs, contrast phase, finding count."""
+    pairs = [(organ, kind) for organ in ORGANS for kind in ABNORMALITIES]
+    out = {}
+    for root in roots:
+        for case in json.loads((root / "labels.json").read_text())["cases"]:
+            vector = torch.zeros(len(pairs) + 4)
+            for finding in case["findings"]:
+                vector[pairs.index((finding["organ"], finding["kind"]))] = 1
+            vector[len(pairs)] = float(case["phase"] == "portal venous")
+            vector[len(pairs) + 1 + min(len(case["findings"]), 2)] = 1
+            for image in case["images"]:
+                out[str(root / image)] = vector
+    return out
+
+
+def _written(root: Path, n: int, seed: int) -> bool:
+    manifest = root / "manifest.json"
+    return manifest.is_file() and {k: json.loads(manifest.read_text())[k] for k in ("n", "seed")} == {"n": n, "seed": seed}
 
 
 def read_shards(roots: list[Path]):
@@ -90,7 +114,12 @@ def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | N
     lap("phantoms")
     tokenizer = train_tokenizer([c.text for c in caps] + [f"{q.question} {' '.join(q.choices)} {q.answer}" for q in vqas],
                                 vocab_size=recipe.vocab_size)
-    pixels = load_pixels([c.image_path for c in caps], PRESETS[recipe.preset], progress=progress)
+    cached = work / f"pixels-{recipe.preset}.pt"
+    if cached.is_file():
+        pixels = torch.load(cached, weights_only=True)
+    else:
+        pixels = load_pixels([c.image_path for c in caps], PRESETS[recipe.preset], progress=progress)
+        torch.save(pixels, cached)
     lap("tokenizer+preprocessing")
 
     vision = DCFormerConfig.preset("nano", input_size=PRESETS[recipe.preset].shape)
@@ -102,7 +131,7 @@ def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | N
     siglip, siglip_run = siglip_stage(
         pixels, [(str(c.image_path), c.text) for c in caps], tokenizer, vision, text, recipe.embed_dim,
         TrainConfig(output_dir=str(work / "siglip"), seed=recipe.seed, progress=progress, **recipe.siglip),
-        max_text_length=recipe.max_text_length)
+        max_text_length=recipe.max_text_length, labels=finding_labels(roots))
     lap("siglip")
 
     lm = Qwen2Config(vocab_size=len(tokenizer), hidden_size=recipe.lm_width, num_hidden_layers=recipe.lm_layers,

@@ -1,0 +1,81 @@
+"""The Slicer module with the real demo model: a sample volume read by MRML's own reader, a report
+and a follow-up question streamed into the panel and into text nodes, saved with the scene."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from qtpy.QtCore import QSettings, Qt
+
+from med3dvlm.data.reports import mentioned_findings
+from med3dvlm.readers import read_volume
+from med3dvlm.resources import sample_path
+from SlicerMed3DVLMLib import text_nodes
+from SlicerMed3DVLMLib.chat_panel import ChatPanel
+from SlicerMed3DVLMLib.controller import ChatController
+from SlicerMed3DVLMLib.logic import Med3DVLMLogic
+from SlicerMed3DVLMLib.volume_node import read_volume_node, volume_from_node
+
+SAMPLE = sample_path("ct_phantom.nii.gz")
+TRUTH = {(f["organ"], f["kind"]) for f in json.loads(sample_path("ct_phantom_truth.json").read_text())["findings"]}
+
+
+@pytest.fixture
+def demo_logic(scene, tmp_path):
+    logic = Med3DVLMLogic(scene, store=QSettings(str(tmp_path / "settings.ini"), QSettings.IniFormat))
+    logic.update_settings(model="demo", device="cpu")
+    yield logic
+    assert logic.shutdown(timeout=10)
+
+
+def test_node_read_by_mrml_gives_the_same_model_input_as_the_file(scene):
+    node = read_volume_node(scene, str(SAMPLE))
+    from_node, from_file = volume_from_node(node), read_volume(SAMPLE)
+    # Same voxels in the same world positions, so the model sees the same scan.
+    world = lambda v, ijk: (v.affine @ np.array([*ijk, 1.0]))[:3]  # noqa: E731
+    np.testing.assert_allclose(world(from_node, (10, 20, 5)), world(from_file, (10, 20, 5)), atol=1e-3)
+    np.testing.assert_array_equal(from_node.array, from_file.array)
+
+
+def test_demo_report_and_question_stream_into_text_nodes(qtbot, scene, demo_logic, tmp_path):
+    from slicer import vtkMRMLScene
+
+    node = read_volume_node(scene, str(SAMPLE), name="CT sample")
+    tokens: list[str] = []
+    done = []
+    report_node = demo_logic.generate_report(node, on_token=tokens.append, on_done=done.append)
+    qtbot.waitUntil(lambda: bool(done), timeout=120_000)
+    report = done[0].text
+    assert done[0].error is None and len(tokens) > 3 and "".join(tokens).strip() == report
+    assert TRUTH & mentioned_findings(report), report
+    assert report_node.GetText() == report
+
+    answer = demo_logic.ask(node, "How many abnormalities are there?")
+    assert answer.strip()
+    assert scene.SaveSceneToSlicerDataBundleDirectory(str(tmp_path / "bundle"))
+    reloaded = vtkMRMLScene()
+    reloaded.SetURL(str(next((tmp_path / "bundle").glob("*.mrml"))))
+    assert reloaded.Import()
+    volume = reloaded.GetFirstNodeByName("CT sample")
+    (saved_report,) = text_nodes.records(reloaded, volume, text_nodes.REPORT_ROLE)
+    assert saved_report.GetText() == report
+    turns = text_nodes.get_turns(text_nodes.active_conversation(reloaded, volume))
+    assert [t.text for t in turns] == ["How many abnormalities are there?", answer]
+
+
+def test_panel_with_demo_model(qtbot, scene, demo_logic):
+    read_volume_node(scene, str(SAMPLE), name="CT sample")
+    panel = ChatPanel()
+    qtbot.addWidget(panel)
+    ChatController(panel, demo_logic)
+    qtbot.mouseClick(panel.report_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not demo_logic.busy, timeout=120_000)
+    qtbot.keyClicks(panel.question_box, "What abnormalities are present?")
+    qtbot.keyClick(panel.question_box, Qt.Key_Return)
+    qtbot.waitUntil(lambda: not demo_logic.busy, timeout=60_000)
+    text = panel.view.toPlainText()
+    assert "What abnormalities are present?" in text
+    assert panel.status_label.text().startswith("Done")
+    assert "demo" in panel.model_label.text()
