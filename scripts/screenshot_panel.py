@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-QUESTIONS = ("Is there a lesion in the liver?", "Are the kidneys normal?")
+QUESTIONS = ("What abnormalities are present?", "What abnormality is seen in the liver?")
 
 
 def main() -> int:
@@ -28,18 +28,18 @@ def main() -> int:
 
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     sys.path[:0] = [str(ROOT / "SlicerMed3DVLM"), str(ROOT / "tests")]
-    from med3dvlm.data.phantoms import make_ct_phantom
+    from med3dvlm.resources import sample_path
     from qtpy.QtWidgets import QApplication
     from slicer import vtkMRMLScene
 
     from SlicerMed3DVLMLib.chat_panel import ChatPanel
     from SlicerMed3DVLMLib.controller import ChatController
     from SlicerMed3DVLMLib.logic import Med3DVLMLogic, default_loader
-    from SlicerMed3DVLMLib.volume_node import node_from_volume
+    from SlicerMed3DVLMLib.volume_node import read_volume_node
 
     app = QApplication.instance() or QApplication([])
     scene = vtkMRMLScene()
-    node_from_volume(scene, make_ct_phantom(0).volume, "CT abdomen phantom")
+    read_volume_node(scene, str(sample_path("ct_phantom.nii.gz")), "CT sample (phantom)")
     if args.standin:
         from slicer_standin import standin_loader
 
@@ -47,7 +47,7 @@ def main() -> int:
     else:
         loader = default_loader
     logic = Med3DVLMLogic(scene, loader=loader)
-    logic.update_settings(model=args.model, max_new_tokens=96)
+    logic.update_settings(model=args.model, max_new_tokens=160)
     panel = ChatPanel()
     panel.resize(560, 780)
     controller = ChatController(panel, logic)

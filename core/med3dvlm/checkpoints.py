@@ -80,10 +80,10 @@ def load_weights(
         raise ModelError(f"The weights file {path} is missing; the model folder is incomplete.")
     expected = {name: tuple(t.shape) for name, t in module.state_dict().items() if name not in skip}
     try:
-        with safe_open(str(path), framework="pt", device=_device_name(device)) as handle:
+        with safe_open(str(path), framework="pt", device=device_name(device)) as handle:
             stored = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
             check_names_and_shapes(path, expected, stored)
-            tensors = {name: _prepared(handle.get_tensor(name), dtype) for name in stored}
+            tensors = {name: prepared_tensor(handle.get_tensor(name), dtype) for name in stored}
     except ModelError:
         raise
     except Exception as error:  # safetensors reports a damaged header or payload with several types
@@ -92,7 +92,7 @@ def load_weights(
     module.load_state_dict(tensors, strict=False, assign=True)
 
 
-def _prepared(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+def prepared_tensor(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     if dtype is not None and tensor.is_floating_point():
         tensor = tensor.to(dtype)
     # safetensors' CPU buffers may be only 16-byte aligned; torch's own are 64-byte aligned, and
@@ -118,7 +118,7 @@ def _listing(label: str, names: list[str]) -> str:
     return f"{len(names)} {label} ({', '.join(names[:_SHOWN])}{more})"
 
 
-def _device_name(device: torch.device | str | None) -> str:
+def device_name(device: torch.device | str | None) -> str:
     device = torch.device(device or "cpu")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())

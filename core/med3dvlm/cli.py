@@ -14,6 +14,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="demo", help="'demo' (bundled) or a model folder (default: demo)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
     p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16 (default: auto)")
+    _add_pickle_arg(p)
+
+
+def _add_pickle_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="permit official .bin weights (loaded with weights_only=True)")
 
@@ -216,14 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="what a model folder is, its size, and the memory it needs")
     p.add_argument("model", help="'demo' or a model folder (ours or an official release)")
     p.add_argument("--json", action="store_true", help="print the details as JSON")
-    p.add_argument("--allow-pickle", action="store_true", help="also read .bin weights (weights_only)")
+    _add_pickle_arg(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("convert", help="write an official release folder in this package's own format")
     p.add_argument("source", help="official Med3DVLM folder")
     p.add_argument("out", help="output folder")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
-    p.add_argument("--allow-pickle", action="store_true", help="also read .bin weights (weights_only)")
+    _add_pickle_arg(p)
     p.set_defaults(func=cmd_convert)
 
     from .train.commands import add_train_parser

@@ -33,7 +33,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, Phi3Config, PretrainedConfig, Qwen2Config
 
-from .checkpoints import CONFIG_NAME, _device_name, _prepared, check_names_and_shapes, meta_tensors, read_config
+from .checkpoints import CONFIG_NAME, device_name, prepared_tensor, check_names_and_shapes, read_config
 from .errors import ModelError
 from .models.dcformer import DCFormerConfig
 from .models.m3d_lamed import M3DLaMed, M3DLaMedConfig, PoolingProjectorConfig, ViT3DConfig
@@ -151,7 +151,7 @@ class _Shard:
     def __init__(self, path: Path, device: torch.device | str | None = None):
         self.path, self.device = path, device
         if path.suffix == ".safetensors":
-            self._handle = self._guard(safe_open, str(path), framework="pt", device=_device_name(device))
+            self._handle = self._guard(safe_open, str(path), framework="pt", device=device_name(device))
             self.names = self._guard(self._handle.keys)
         else:  # mmap: the data stays on disk until each tensor is copied to its device
             self._tensors = self._guard(torch.load, path, map_location="cpu", weights_only=True, mmap=True)
@@ -344,7 +344,7 @@ def load_official(folder: str | Path, device: torch.device | str | None = None, 
         by_file[stored[official].file].append((ours, official))
     for file, names in by_file.items():
         shard = _Shard(file, device)
-        model.load_state_dict({ours: _prepared(shard.tensor(official), dtype) for ours, official in names},
+        model.load_state_dict({ours: prepared_tensor(shard.tensor(official), dtype) for ours, official in names},
                               strict=False, assign=True)
     _finish(model, folder, device)
     return model.eval(), tokenizer
@@ -363,16 +363,8 @@ def _plan(source: Path, model: Med3DVLM, stored: dict[str, StoredTensor], skip_s
 
 def _finish(model: Med3DVLM, folder: Path, device: torch.device | str | None) -> None:
     """Ties the LM head, computes the non-persistent rotary buffers, applies generation_config.json."""
+    model.finish_loading(folder, device)
     lm = model.language_model
-    if model._tied_keys():
-        lm.lm_head.weight = lm.get_input_embeddings().weight
-    rotary = lm.model.rotary_emb
-    with torch.device(device or "cpu"):
-        lm.model.rotary_emb = type(rotary)(config=lm.config)
-    left = meta_tensors(model)
-    if left:
-        raise ModelError(f"Loading {folder} left tensors uninitialised ({', '.join(left[:5])}); this model "
-                         "layout is not supported by this version.")
     # The official code loads with from_pretrained, which applies the folder's generation defaults
     # (e.g. Qwen2.5's top_k and repetition_penalty); settings passed to generate() still win.
     if (folder / "generation_config.json").is_file():

@@ -241,15 +241,19 @@ class Med3DVLM(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         load_weights(model, folder / WEIGHTS_NAME, device=device, dtype=dtype, skip=model._tied_keys())
-        lm = model.language_model
-        if model._tied_keys():
+        model.finish_loading(folder, device)
+        return model.eval()
+
+    def finish_loading(self, folder: Path, device: torch.device | str | None) -> None:
+        """After assigning the stored tensors to a meta-built model: tie the LM head, compute the
+        rotary frequencies (a non-persistent buffer, not in any file), check nothing is left."""
+        lm = self.language_model
+        if self._tied_keys():
             lm.lm_head.weight = lm.get_input_embeddings().weight
-        # Rotary frequencies are a non-persistent buffer (not in the file): compute them for real.
         rotary = lm.model.rotary_emb
         with torch.device(device or "cpu"):
             lm.model.rotary_emb = type(rotary)(config=lm.config)
-        left = meta_tensors(model)
+        left = meta_tensors(self)
         if left:
             raise ModelError(f"Loading {folder} left tensors uninitialised ({', '.join(left[:5])}); "
                              "this model layout is not supported by this version.")
-        return model.eval()

@@ -1,0 +1,50 @@
+"""Training on freshly generated phantoms: the demo recipe in miniature and the stage commands."""
+
+import json
+
+import pytest
+
+import med3dvlm
+from med3dvlm.cli import main
+from med3dvlm.data.m3d import write_dataset
+from med3dvlm.train.demo import DemoRecipe, train_demo
+
+
+@pytest.fixture(scope="module")
+def phantom_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantoms")
+    write_dataset(root, 8, seed=4242, modality="CT", splits=(1.0, 0.0, 0.0), progress=False)
+    return root
+
+
+def test_tiny_demo_recipe_loss_falls_and_the_bundle_loads(tmp_path):
+    recipe = DemoRecipe(n_phantoms=12, seed=3, lm_layers=2, lm_width=64, lm_heads=2,
+                        siglip={"epochs": 3, "batch_size": 6, "lr": 1e-3},
+                        vlm={"epochs": 3, "batch_size": 16, "lr": 3e-3})
+    summary = train_demo(tmp_path / "model", tmp_path / "work", recipe, progress=False)
+    assert summary["vlm_loss"][1] < 0.8 * summary["vlm_loss"][0]
+    assert summary["siglip_loss"][1] < summary["siglip_loss"][0]
+    pipe = med3dvlm.load(tmp_path / "model", device="cpu")
+    assert pipe.retrieval is not None
+    assert isinstance(pipe.report((tmp_path / "work" / "phantoms-0" / "M3D_Cap_npy" / "ct_case" / "000001").glob("*.nii.gz").__next__(),
+                                  max_new_tokens=8), str)
+    assert json.loads((tmp_path / "model" / "recipe.json").read_text())["recipe"]["n_phantoms"] == 12
+
+
+def test_stage_commands_chain_siglip_projector_instruct(phantom_data, tmp_path, capsys):
+    siglip, projector, instruct = (str(tmp_path / name) for name in ("siglip", "projector", "instruct"))
+    common = ["max_steps=2", "batch_size=4", "progress=false"]
+    assert main(["train", "siglip", "--data", str(phantom_data), "--out", siglip, "--embed-dim", "32", *common]) == 0
+    assert main(["train", "projector", "--data", str(phantom_data), "--siglip", siglip, "--out", projector, *common]) == 0
+    assert main(["train", "instruct", "--data", str(phantom_data), "--model", projector, "--out", instruct,
+                 "--lora-rank", "4", *common]) == 0
+    run = json.loads((tmp_path / "instruct" / "run" / "run_config.json").read_text())
+    assert run["max_steps"] == 2
+    pipe = med3dvlm.load(instruct, device="cpu")
+    assert pipe.retrieval is not None and pipe.num_image_tokens > 0
+    assert "lora" not in " ".join(name for name, _ in pipe.model.named_parameters())  # merged back
+
+
+def test_bad_dataset_folder_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", "siglip", "--data", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "not an M3D-layout dataset" in capsys.readouterr().err
