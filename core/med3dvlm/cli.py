@@ -14,6 +14,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="demo", help="'demo' (bundled) or a model folder (default: demo)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
     p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16 (default: auto)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (1 is fastest for small models on a busy CPU)")
     _add_pickle_arg(p)
 
 
@@ -35,8 +37,12 @@ def _settings(args) -> dict:
 
 
 def _pipeline(args):
+    import torch
+
     from .pipeline import load
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     return load(args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle)
 
 
