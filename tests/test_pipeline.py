@@ -179,3 +179,8 @@ def test_out_of_gpu_memory_suggests_what_to_do():
 def test_quantization_without_a_gpu_says_so():
     with pytest.raises(Med3DVLMError, match="CUDA GPU"):
         med3dvlm.load("demo", quantization="4bit")
+
+
+def test_mri_detection_not_available_yet_says_so(pipe):
+    with pytest.raises(ModelError, match="cannot score MRI abnormalities"):
+        pipe.detect(sample_path("mr_phantom_t2.nii.gz"))
