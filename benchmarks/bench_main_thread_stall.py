@@ -72,7 +72,7 @@ def main() -> int:
     app = QApplication.instance() or QApplication([])
     drains = time_drains(Worker)
     scene = vtkMRMLScene()
-    node = node_from_volume(scene, make_ct_phantom(0).volume, "CT phantom")
+    node_from_volume(scene, make_ct_phantom(0).volume, "CT phantom")
     if args.standin:
         from slicer_standin import standin_loader
 

@@ -2,7 +2,6 @@
 
 import shutil
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -12,7 +12,6 @@ that thread for each text piece and a ``CancelToken`` stops generation within on
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import queue
 import threading
@@ -35,7 +34,6 @@ from .readers import read_volume
 from .resources import demo_model_dir
 from .volume import Volume
 
-log = logging.getLogger(__name__)
 
 VolumeLike = Volume | str | os.PathLike | tuple[np.ndarray, np.ndarray]
 TokenCallback = Callable[[str], None]
