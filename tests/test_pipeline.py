@@ -180,6 +180,14 @@ def test_quantization_without_a_gpu_says_so():
         med3dvlm.load("demo", quantization="4bit")
 
 
-def test_mri_detection_not_available_yet_says_so(pipe):
-    with pytest.raises(ModelError, match="cannot score MRI abnormalities"):
-        pipe.detect(sample_path("mr_phantom_t2.nii.gz"))
+def test_mri_detection_scores_every_label_of_the_mr_sample(pipe):
+    result = pipe.detect(sample_path("mr_phantom_t2.nii.gz"))
+    scores = dict(result)  # reads as {label: probability}, highest first
+    assert result.sequences == ("T2",) and len(scores) == len(result.scores) >= 20
+    assert list(scores.values()) == sorted(scores.values(), reverse=True)
+    assert all(0.0 <= p <= 1.0 for p in scores.values())
+
+
+def test_detection_refuses_ct(pipe):
+    with pytest.raises(VolumeError, match="CT volume"):
+        pipe.detect(SAMPLE)

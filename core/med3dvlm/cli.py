@@ -120,6 +120,24 @@ def cmd_chat(args) -> None:
         history.append((question, answer))
 
 
+def cmd_detect(args) -> None:
+    pipe = _pipeline(args)
+    if args.sequences and len(args.sequences) != len(args.volumes):
+        raise Med3DVLMError(f"--sequence names {len(args.sequences)} sequences for {len(args.volumes)} volumes; "
+                            "give one per volume, in the same order.")
+    study = dict(zip(args.sequences, args.volumes)) if args.sequences else list(args.volumes)
+    result = pipe.detect(study)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+        return
+    weights = ", ".join(f"{seq} {w:.2f}" for seq, w in result.sequence_weights.items())
+    print(f"MRI study: {', '.join(result.sequences)} (fusion weights: {weights})")
+    print(f"{'abnormality':36s} {'probability':>11s} {'threshold':>9s}")
+    for score in result.scores:
+        flag = "  <- positive" if score.positive else ""
+        print(f"{score.label:36s} {score.probability:11.3f} {score.threshold:9.3f}{flag}")
+
+
 def cmd_retrieve(args) -> None:
     pipe = _pipeline(args)
     texts = [Path(t).read_text().strip() if Path(t).is_file() else t for t in args.texts]
@@ -206,6 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_generation_args(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("detect", help="MRI abnormality scores (MedMAP) for a volume or a multi-sequence study")
+    p.add_argument("volumes", nargs="+", help="MRI volumes of one study (one per sequence)")
+    p.add_argument("--sequence", dest="sequences", action="append", default=[],
+                   help="sequence of each volume in order (T1, T2, FLAIR, DWI, ADC, T1C); default: from headers/names")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser("retrieve", help="rank texts (strings or text files) for a volume")
     p.add_argument("volume")

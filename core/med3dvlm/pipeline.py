@@ -26,15 +26,17 @@ import torch
 from . import prompts
 from .cancel import CancelToken
 from .checkpoints import SIGLIP_FOLDER, load_bundle, load_siglip
+from .detection import DetectionResult, Detector
 from .official import is_official_folder, load_official
 from .errors import Med3DVLMError, ModelError
 from .generation import ANSWER_SETTINGS, REPORT_SETTINGS, CallbackStreamer, GenerationSettings, stopping_criteria
 from .preprocess import PRESETS, PreprocessConfig, preprocess
 from .readers import read_volume
-from .resources import demo_model_dir
+from .resources import demo_detector_dir, demo_model_dir
 from .volume import Volume
 
 
+DETECTOR_FOLDER = "medmap"  # a model folder's MRI abnormality detector, if it has one
 VolumeLike = Volume | str | os.PathLike | tuple[np.ndarray, np.ndarray]
 TokenCallback = Callable[[str], None]
 
@@ -90,7 +92,9 @@ def load(model: str | os.PathLike = "demo", device: str = "auto", dtype: str | t
         siglip = folder / SIGLIP_FOLDER
         retrieval = load_siglip(siglip, device=torch_device, dtype=torch_dtype) if siglip.is_dir() else None
     name = "demo" if str(model) == "demo" else folder.name
-    return Pipeline(vlm, tokenizer, retrieval=retrieval, name=name, cache_size=cache_size)
+    detector_dir = demo_detector_dir() if str(model) == "demo" else folder / DETECTOR_FOLDER
+    detector = Detector.load(detector_dir, device=torch_device) if detector_dir.is_dir() else None
+    return Pipeline(vlm, tokenizer, retrieval=retrieval, detector=detector, name=name, cache_size=cache_size)
 
 
 def _check_quantization(mode: str) -> None:
@@ -124,10 +128,12 @@ class _friendly_oom:
 
 
 class Pipeline:
-    def __init__(self, model, tokenizer, *, retrieval=None, name: str = "model", cache_size: int = 8) -> None:
+    def __init__(self, model, tokenizer, *, retrieval=None, detector: Detector | None = None, name: str = "model",
+                 cache_size: int = 8) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.retrieval = retrieval.eval() if retrieval is not None else None
+        self.detector = detector
         self.model_name = name
         self.preprocess_config: PreprocessConfig = PRESETS[model.config.preprocess_preset]
         self.num_image_tokens: int = model.config.num_image_tokens
@@ -318,10 +324,20 @@ class Pipeline:
                           "left out of the prompt.", ContextWarning, stacklevel=3)
 
     # ----- MRI abnormality detection (MedMAP) -----------------------------------------------------
-    def detect(self, volume_or_study):
-        """MRI abnormality scores need a MedMAP detector, which this version does not ship yet."""
-        raise ModelError(f"Model {self.model_name} cannot score MRI abnormalities: MedMAP detection is not "
-                         "available in this version of med3dvlm yet.")
+    def detect(self, volume_or_study) -> DetectionResult:
+        """Per-abnormality probabilities for an MRI volume or study (a list of volumes, or a
+        ``{sequence: volume}`` mapping); volumes may be paths. Reads as ``{label: probability}``."""
+        if self.detector is None:
+            raise ModelError(f"Model {self.model_name} has no MRI abnormality detector; detection needs a "
+                             f"'{DETECTOR_FOLDER}' subfolder with a MedMAP detector.")
+        if isinstance(volume_or_study, dict):
+            study = {seq: self.as_volume(v) for seq, v in volume_or_study.items()}
+        elif isinstance(volume_or_study, list):
+            study = [self.as_volume(v) for v in volume_or_study]
+        else:
+            study = self.as_volume(volume_or_study)
+        with self._lock, _friendly_oom("detecting abnormalities"):
+            return self.detector.detect(study)
 
     # ----- retrieval -------------------------------------------------------------------------------
     @torch.inference_mode()

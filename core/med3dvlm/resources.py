@@ -31,5 +31,9 @@ def demo_model_dir() -> Path:
     return resource_path("models", "demo")
 
 
+def demo_detector_dir() -> Path:
+    return resource_path("models", "medmap-demo")
+
+
 def sample_path(name: str) -> Path:
     return resource_path("samples", name)

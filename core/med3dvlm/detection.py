@@ -1,0 +1,205 @@
+"""MRI abnormality detection with a MedMAP model: study in, per-label probabilities out.
+
+A study is one volume, a list of volumes, or a ``{sequence: volume}`` mapping (the user's choice
+of sequence). Sequences of volumes come from ``Volume.sequence``, else ``modality.guess_modality``
+(DICOM tags, descriptions, file names). Each volume is preprocessed on its own (MR percentile
+scaling per sequence), encoded, and the sequences are fused by the model's attention weights.
+
+Saved layout (one folder): ``config.json`` (``model_type: "medmap-detector"``, the model config,
+thresholds, preprocessing), ``model.safetensors`` and the tokenizer files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoints import WEIGHTS_NAME, load_weights, read_config, save_weights, write_config
+from .errors import ModelError, VolumeError
+from .modality import guess_modality
+from .models.medmap import MedMAPConfig, MedMAPModel
+from .preprocess import PreprocessConfig, preprocess
+from .volume import Volume
+
+MODEL_TYPE = "medmap-detector"
+STUDY_KEY = "study"  # thresholds for several sequences; single-sequence thresholds use the sequence name
+
+StudyLike = Volume | Mapping[str, Volume] | Sequence[Volume]
+
+
+def detector_preprocess(input_size: Sequence[int]) -> PreprocessConfig:
+    """The preprocessing a detector of this input size trains and runs with."""
+    return PreprocessConfig(shape=tuple(int(s) for s in input_size))
+
+
+@dataclass(frozen=True)
+class LabelScore:
+    organ: str
+    kind: str
+    probability: float
+    threshold: float
+
+    @property
+    def positive(self) -> bool:
+        return self.probability >= self.threshold
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} in the {self.organ}"
+
+
+@dataclass
+class DetectionResult:
+    """Scores sorted by probability (highest first), the sequences used and their fusion weights."""
+
+    scores: list[LabelScore]
+    sequences: tuple[str, ...]
+    sequence_weights: dict[str, float]          # mean fusion weight of each sequence (sums to 1)
+    sources: dict[str, str] = field(default_factory=dict)  # sequence -> volume name
+    modality: str = "MR"
+
+    @property
+    def findings(self) -> list[LabelScore]:
+        """The labels at or above their threshold."""
+        return [s for s in self.scores if s.positive]
+
+    def probability(self, organ: str, kind: str) -> float:
+        for score in self.scores:
+            if (score.organ, score.kind) == (organ, kind):
+                return score.probability
+        raise KeyError(f"No label ({organ!r}, {kind!r}) in this result.")
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per label for a table view: organ, kind, probability, threshold, positive."""
+        return [{**asdict(s), "positive": s.positive} for s in self.scores]
+
+    # Mapping view {label: probability}, highest first: what the Slicer logic stores and shows.
+    def keys(self) -> list[str]:
+        return [s.label for s in self.scores]
+
+    def __getitem__(self, label: str) -> float:
+        for score in self.scores:
+            if score.label == label:
+                return score.probability
+        raise KeyError(label)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"modality": self.modality, "sequences": list(self.sequences), "sources": self.sources,
+                "sequence_weights": self.sequence_weights, "scores": self.rows()}
+
+
+def as_study(volume_or_study: StudyLike, sequences: Sequence[str]) -> dict[str, Volume]:
+    """{sequence: volume} from any accepted input; ``sequences`` are the ones the model knows."""
+    if isinstance(volume_or_study, Volume):
+        items = [(None, volume_or_study)]
+    elif isinstance(volume_or_study, Mapping):
+        items = list(volume_or_study.items())
+    elif isinstance(volume_or_study, Sequence) and all(isinstance(v, Volume) for v in volume_or_study):
+        items = [(None, v) for v in volume_or_study]
+    else:
+        raise VolumeError(f"Abnormality detection takes a Volume, a list of Volumes or a {{sequence: Volume}} "
+                          f"mapping, not {type(volume_or_study).__name__}.")
+    if not items:
+        raise VolumeError("Abnormality detection needs at least one MRI volume; the study is empty.")
+    known = {s.upper(): s for s in sequences}
+    study: dict[str, Volume] = {}
+    for chosen, volume in items:
+        if not isinstance(volume, Volume):
+            raise VolumeError(f"The study entry {chosen!r} is a {type(volume).__name__}, not a Volume.")
+        modality, guessed = guess_modality(volume)
+        if volume.modality == "CT" or (chosen is None and modality == "CT"):
+            raise VolumeError(f"{volume.name} is a CT volume; MedMAP abnormality detection needs MRI.")
+        sequence = chosen or volume.sequence or guessed
+        if sequence is None:
+            raise VolumeError(f"The MRI sequence of {volume.name} is unknown (no header or file name says it); "
+                              f"pass the study as {{sequence: volume}} with one of {tuple(sequences)}.")
+        if str(sequence).upper() not in known:
+            raise VolumeError(f"{volume.name} is a {sequence} volume, but this detector knows only the "
+                              f"sequences {tuple(sequences)}.")
+        sequence = known[str(sequence).upper()]
+        if sequence in study:
+            raise VolumeError(f"The study has two {sequence} volumes ({study[sequence].name} and {volume.name}); "
+                              "pass one volume per sequence.")
+        study[sequence] = volume
+    return study
+
+
+class Detector:
+    """A MedMAP model + tokenizer + per-label thresholds + preprocessing, ready for ``detect``."""
+
+    def __init__(self, model: MedMAPModel, tokenizer, thresholds: Mapping[str, Sequence[float]],
+                 preprocess_config: PreprocessConfig) -> None:
+        n = len(model.config.labels)
+        if STUDY_KEY not in thresholds or any(len(t) != n for t in thresholds.values()):
+            raise ModelError(f"Detector thresholds need a '{STUDY_KEY}' entry and {n} values per entry.")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.thresholds = {key: [float(v) for v in values] for key, values in thresholds.items()}
+        self.preprocess_config = preprocess_config
+
+    @property
+    def labels(self) -> tuple[tuple[str, str], ...]:
+        return self.model.config.labels
+
+    @property
+    def sequences(self) -> tuple[str, ...]:
+        return self.model.config.sequences
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.bias.device
+
+    def to(self, device: str | torch.device) -> Detector:
+        self.model.to(device)
+        return self
+
+    @torch.inference_mode()
+    def detect(self, volume_or_study: StudyLike) -> DetectionResult:
+        """Per-label probabilities for one MRI study (a volume, a list, or {sequence: volume})."""
+        study = as_study(volume_or_study, self.sequences)
+        names = list(study)
+        images = torch.stack([preprocess(study[n], self.preprocess_config) for n in names]).to(self.device)
+        ids = self.model.sequence_ids(names)
+        output = self.model(images[None], ids[None], torch.ones(1, len(names), dtype=torch.bool, device=self.device))
+        probabilities = output["logits"].sigmoid()[0].float().cpu().tolist()
+        weights = output["weights"][0].float().cpu().tolist()
+        cuts = self.thresholds.get(names[0] if len(names) == 1 else STUDY_KEY, self.thresholds[STUDY_KEY])
+        scores = [LabelScore(organ, kind, p, t) for (organ, kind), p, t in zip(self.labels, probabilities, cuts)]
+        scores.sort(key=lambda s: -s.probability)
+        return DetectionResult(scores, tuple(names), dict(zip(names, weights)),
+                               {n: study[n].name for n in names})
+
+    # ---- persistence ---------------------------------------------------------------------
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        pre = asdict(self.preprocess_config)
+        pre.pop("dtype")
+        write_config(folder, {"model_type": MODEL_TYPE, "model": self.model.config.to_dict(),
+                              "thresholds": self.thresholds, "preprocess": pre})
+        save_weights(self.model, folder / WEIGHTS_NAME)
+        self.tokenizer.save_pretrained(str(folder))
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str | torch.device | None = None) -> Detector:
+        from .tokenizer import load_tokenizer
+
+        config = read_config(folder)
+        if config.get("model_type") != MODEL_TYPE:
+            raise ModelError(f"The config.json in {folder} describes {config.get('model_type')!r}, not a "
+                             f"{MODEL_TYPE}.")
+        try:
+            model_config = MedMAPConfig.from_dict(config["model"])
+            preprocess_config = PreprocessConfig(**config["preprocess"])
+            thresholds = config["thresholds"]
+        except (KeyError, TypeError, ValueError) as error:
+            raise ModelError(f"The config.json in {folder} lacks or misnames a field ({error}).") from error
+        # Built for real: the text tower holds non-persistent buffers (position ids) not in the file.
+        model = MedMAPModel(model_config)
+        load_weights(model, Path(folder) / WEIGHTS_NAME)
+        tokenizer = load_tokenizer(folder)
+        model.use_tokenizer(tokenizer)
+        model.freeze_text(True)
+        return cls(model.to(device or "cpu"), tokenizer, thresholds, preprocess_config)
