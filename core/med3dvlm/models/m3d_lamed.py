@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, PretrainedConfig
 
 from med3dvlm.errors import ModelError
-from med3dvlm.models.vlm import PROMPT_STYLES, Med3DVLM
+from med3dvlm.models.vlm import PROMPT_STYLES, Med3DVLM, PromptLayout
 
 # What the official M3D-LaMed demo used.
 M3D_GENERATION = {"do_sample": True, "top_p": 0.9, "temperature": 1.0, "max_new_tokens": 256}
@@ -212,7 +212,7 @@ class PoolingProjector(nn.Module):
 
 
 @dataclass
-class M3DLaMedConfig:
+class M3DLaMedConfig(PromptLayout):
     """Everything needed to rebuild M3D-LaMed; the same fields the pipeline reads from Med3DVLMConfig."""
 
     text_config: PretrainedConfig
@@ -239,18 +239,6 @@ class M3DLaMedConfig:
             problems.append(f"projector grid {projector.grid} differs from the encoder's {self.vision_config.grid}")
         if problems:
             raise ModelError("The M3D-LaMed config is inconsistent: " + "; ".join(problems) + ".")
-
-    @property
-    def num_image_tokens(self) -> int:
-        return self.projector_config.num_tokens
-
-    @property
-    def max_context(self) -> int:
-        return self.text_config.max_position_embeddings
-
-    @property
-    def image_offset(self) -> int:
-        return PROMPT_STYLES[self.prompt_style]
 
 
 class M3DLaMed(Med3DVLM):

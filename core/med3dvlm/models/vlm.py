@@ -39,8 +39,26 @@ IGNORE_INDEX = -100
 TIED_KEY = "language_model.lm_head.weight"
 
 
+class PromptLayout:
+    """What the pipeline reads from a model config, derived from its projector, LM and prompt style
+    (shared by Med3DVLMConfig and M3DLaMedConfig)."""
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.projector_config.num_tokens
+
+    @property
+    def max_context(self) -> int:
+        """Longest prompt + answer, in tokens (image tokens included)."""
+        return self.text_config.max_position_embeddings
+
+    @property
+    def image_offset(self) -> int:
+        return PROMPT_STYLES[self.prompt_style]
+
+
 @dataclass
-class Med3DVLMConfig:
+class Med3DVLMConfig(PromptLayout):
     """Everything needed to rebuild the model; saved as config.json beside model.safetensors."""
 
     text_config: Qwen2Config
@@ -69,19 +87,6 @@ class Med3DVLMConfig:
                             f"and {projector.high_input_size}")
         if problems:
             raise ModelError("The Med3DVLM config is inconsistent: " + "; ".join(problems) + ".")
-
-    @property
-    def num_image_tokens(self) -> int:
-        return self.projector_config.num_tokens
-
-    @property
-    def max_context(self) -> int:
-        """Longest prompt + answer, in tokens (image tokens included)."""
-        return self.text_config.max_position_embeddings
-
-    @property
-    def image_offset(self) -> int:
-        return PROMPT_STYLES[self.prompt_style]
 
     def to_dict(self) -> dict[str, Any]:
         return {
