@@ -37,7 +37,8 @@ class SlicerMed3DVLM(ScriptedLoadableModule):
         self.parent.helpText = (
             "Pick a CT or MRI volume, press <b>Generate report</b> or type a question: a 3D "
             "vision-language model (Med3DVLM) answers in the chat while Slicer stays responsive. "
-            "Reports and conversations are saved with the scene as text nodes. "
+            "For MRI, <b>Detect abnormalities</b> scores the abnormalities the model knows. "
+            "Reports and conversations are saved with the scene as text nodes, scores as tables. "
             '<a href="https://github.com/SlicerMed3DVLM/SlicerMed3DVLM">Documentation</a>. '
             "Research use only: not for diagnosis."
         )

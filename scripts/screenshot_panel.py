@@ -3,6 +3,7 @@
     python scripts/screenshot_panel.py                 # the bundled demo model
     python scripts/screenshot_panel.py --model FOLDER  # another model folder
     python scripts/screenshot_panel.py --standin       # the tests' stand-in model (no weights needed)
+    python scripts/screenshot_panel.py --scores        # MRI abnormality scores of the MR sample instead
 
 The panel, logic and scene are the module's own (real MRML, real Qt), outside the Slicer application.
 """
@@ -23,8 +24,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="demo", help="'demo' or a model folder")
     parser.add_argument("--standin", action="store_true", help="use tests/slicer_standin.py instead of a model")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "panel.png"))
+    parser.add_argument("--scores", action="store_true",
+                        help="detect abnormalities on the MR sample instead of a report and questions on the CT sample")
+    parser.add_argument("--out", help="the PNG (default: docs/panel.png, with --scores docs/panel_scores.png)")
     args = parser.parse_args()
+    out = args.out or str(ROOT / "docs" / ("panel_scores.png" if args.scores else "panel.png"))
 
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     sys.path[:0] = [str(ROOT / "SlicerMed3DVLM"), str(ROOT / "tests")]
@@ -39,7 +43,10 @@ def main() -> int:
 
     app = QApplication.instance() or QApplication([])
     scene = vtkMRMLScene()
-    read_volume_node(scene, str(sample_path("ct_phantom.nii.gz")), "CT sample (phantom)")
+    if args.scores:
+        read_volume_node(scene, str(sample_path("mr_phantom_t2.nii.gz")), "MR T2 sample (phantom)")
+    else:
+        read_volume_node(scene, str(sample_path("ct_phantom.nii.gz")), "CT sample (phantom)")
     if args.standin:
         from slicer_standin import standin_loader
 
@@ -60,14 +67,17 @@ def main() -> int:
             time.sleep(0.005)
         app.processEvents()
 
-    run(controller.generate_report)
-    for question in QUESTIONS:
-        run(lambda: controller.ask(question))
+    if args.scores:
+        run(controller.detect)
+    else:
+        run(controller.generate_report)
+        for question in QUESTIONS:
+            run(lambda: controller.ask(question))
     failures = [t.text for t in panel.turns if t.role == "error"]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    panel.grab().save(args.out)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    panel.grab().save(out)
     logic.shutdown()
-    print(f"saved {args.out}" + (f"; errors shown: {failures}" if failures else ""))
+    print(f"saved {out}" + (f"; errors shown: {failures}" if failures else ""))
     return 1 if failures else 0
 
 

@@ -13,14 +13,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-from med3dvlm.errors import Med3DVLMError, ModelError
+from med3dvlm.detection import DetectionResult, LabelScore
+from med3dvlm.errors import Med3DVLMError, ModelError, VolumeError
 
 WORDS = ("no", "focal", "lesion", "is", "seen", "in", "the", "liver", "spleen", "or", "kidneys")
 
 
 class StandInPipeline:
     def __init__(self, model_name: str = "stand-in", token_delay: float = 0.002, report_words: int = 24,
-                 scores: dict[str, float] | None = None, spin: bool = False) -> None:
+                 scores: dict[tuple[str, str], float] | None = None, spin: bool = False) -> None:
         self.model_name = model_name
         self.token_delay = token_delay
         self.spin = spin
@@ -51,11 +52,15 @@ class StandInPipeline:
         words = ["Answer", f"#{len(history) + 1}:", *question.split()]
         return self._stream(words, on_token, cancel, gen)
 
-    def detect(self, volume) -> dict[str, float]:
+    def detect(self, volume) -> DetectionResult:
+        """``scores`` {(organ, kind): probability} as the real detector reports them, threshold 0.5."""
         if self.scores is None:
             raise NotImplementedError("detection")
-        self.encode(volume)
-        return dict(self.scores)
+        if volume.sequence is None:  # as the real detector: only MRI of a known sequence
+            raise VolumeError(f"{volume.name} is not an MRI volume of a known sequence; detection needs MRI.")
+        scores = sorted((LabelScore(organ, kind, p, 0.5) for (organ, kind), p in self.scores.items()),
+                        key=lambda s: -s.probability)
+        return DetectionResult(scores, (volume.sequence,), {volume.sequence: 1.0}, {volume.sequence: volume.name})
 
     def _stream(self, words, on_token, cancel, gen) -> str:
         self.generate_kwargs.append(gen)

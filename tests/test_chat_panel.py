@@ -188,3 +188,44 @@ def test_settings_panel_round_trip(chat):
     panel.on_apply_settings(panel.settings_values())
     assert logic.settings.device == "cpu" and logic.settings.max_new_tokens == 64
     assert logic.settings.temperature == pytest.approx(0.3) and panel.settings_values() == values
+
+
+def shown_scores(panel: ChatPanel) -> list[tuple[str, ...]]:
+    table = panel.scores_table
+    return [tuple(table.item(r, c).text() for c in range(table.columnCount())) for r in range(table.rowCount())]
+
+
+def test_detect_button_shows_sorted_scores_for_mri_volumes(qtbot, scene, make_volume, tmp_path):
+    ct = make_volume(np.zeros((6, 5, 4), dtype=np.int16), name="CT abdomen")
+    mr = make_volume(np.ones((6, 5, 4), dtype=np.int16), name="MR T2 abdomen")
+    scores = {("liver", "cyst"): 0.12, ("spleen", "mass"): 0.91, ("left kidney", "cyst"): 0.55}
+    store = QSettings(str(tmp_path / "settings.ini"), QSettings.IniFormat)
+    logic = Med3DVLMLogic(scene, loader=standin_loader(scores=scores), store=store)
+    panel = ChatPanel()
+    qtbot.addWidget(panel)
+    ChatController(panel, logic)
+
+    def select(node) -> None:
+        panel.volume_selector.setCurrentIndex(panel.volume_selector.findData(node.GetID()))
+
+    select(mr)
+    assert panel.scores_table.isHidden()  # nothing detected yet
+
+    qtbot.mouseClick(panel.detect_button, Qt.LeftButton)
+    wait_idle(qtbot, logic)
+    assert not panel.scores_table.isHidden()
+    assert shown_scores(panel) == [("spleen", "mass", "0.91", "0.50", "yes"),
+                                   ("left kidney", "cyst", "0.55", "0.50", "yes"),
+                                   ("liver", "cyst", "0.12", "0.50", "")]
+    assert panel.scores_label.text() == "2 of 3 above threshold (T2, model demo)"
+    assert "Detect abnormalities" in view_text(panel) and panel.status_label.text().startswith("Done")
+
+    select(ct)  # a CT volume has no scores, and asking for them says why
+    assert panel.scores_table.isHidden()
+    qtbot.mouseClick(panel.detect_button, Qt.LeftButton)
+    wait_idle(qtbot, logic)
+    assert "detection needs MRI" in view_text(panel) and panel.scores_table.isHidden()
+
+    select(mr)  # read back from the scene's table node
+    assert shown_scores(panel)[0] == ("spleen", "mass", "0.91", "0.50", "yes")
+    assert logic.shutdown(timeout=5)

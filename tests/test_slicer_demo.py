@@ -1,5 +1,6 @@
 """The Slicer module with the real demo model: a sample volume read by MRML's own reader, a report
-and a follow-up question streamed into the panel and into text nodes, saved with the scene."""
+and a follow-up question streamed into the panel and into text nodes, saved with the scene; MRI
+abnormality scores from the demo detector in a table node and in the panel."""
 
 from __future__ import annotations
 
@@ -7,15 +8,17 @@ import numpy as np
 import pytest
 from qtpy.QtCore import QSettings, Qt
 
+from med3dvlm.detection import Detector
 from med3dvlm.readers import read_volume
-from med3dvlm.resources import sample_path
-from SlicerMed3DVLMLib import text_nodes
+from med3dvlm.resources import demo_detector_dir, sample_path
+from SlicerMed3DVLMLib import score_table, text_nodes
 from SlicerMed3DVLMLib.chat_panel import ChatPanel
 from SlicerMed3DVLMLib.controller import ChatController
 from SlicerMed3DVLMLib.logic import Med3DVLMLogic
 from SlicerMed3DVLMLib.volume_node import read_volume_node, volume_from_node
 
 SAMPLE = sample_path("ct_phantom.nii.gz")
+MR_SAMPLE = sample_path("mr_phantom_t2.nii.gz")
 
 
 @pytest.fixture
@@ -76,3 +79,32 @@ def test_panel_with_demo_model(qtbot, scene, demo_logic):
     assert "What abnormalities are present?" in text
     assert panel.status_label.text().startswith("Done")
     assert "demo" in panel.model_label.text()
+
+
+def test_demo_detector_scores_the_mr_sample_into_a_table_and_the_panel(qtbot, scene, demo_logic):
+    node = read_volume_node(scene, str(MR_SAMPLE))  # named mr_phantom_t2: MR, T2 sequence
+    panel = ChatPanel()
+    qtbot.addWidget(panel)
+    ChatController(panel, demo_logic)
+    qtbot.mouseClick(panel.detect_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not demo_logic.busy, timeout=120_000)
+    assert panel.status_label.text() == "Done: abnormality scores ready."
+
+    detector = Detector.load(demo_detector_dir())
+    expected = detector.detect(read_volume(MR_SAMPLE))  # what `med3dvlm detect` reports for the file
+    table = score_table.find_table(scene, node)
+    assert table.GetName() == "mr_phantom_t2 abnormality scores"
+    stored = score_table.read_scores(table)
+    assert len(stored.rows) == len(detector.labels) == 23  # one row per abnormality the detector knows
+    assert {(r.organ, r.abnormality) for r in stored.rows} == set(detector.labels)
+    probabilities = [r.probability for r in stored.rows]
+    assert probabilities == sorted(probabilities, reverse=True)
+    np.testing.assert_allclose(probabilities, [s.probability for s in expected.scores], atol=1e-5)
+    assert [r.above for r in stored.rows] == [s.positive for s in expected.scores]
+    assert stored.sequences == ["T2"] and stored.model == "demo"
+
+    table_view = panel.scores_table
+    assert not table_view.isHidden() and table_view.rowCount() == 23
+    first = [table_view.item(0, c).text() for c in range(table_view.columnCount())]
+    top = stored.rows[0]
+    assert first[:3] == [top.organ, top.abnormality, f"{top.probability:.2f}"]

@@ -1,5 +1,5 @@
 """The Slicer module's logic on real MRML (slicer-core): volume conversion, streaming into text
-nodes, stop, busy, scene save/reload, bad inputs, clean shutdown."""
+nodes, abnormality score tables, stop, busy, scene save/reload, bad inputs, clean shutdown."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from med3dvlm.errors import Med3DVLMError, ModelError, VolumeError
 from slicer_standin import standin_loader
 
-from SlicerMed3DVLMLib import text_nodes
+from SlicerMed3DVLMLib import score_table, text_nodes
 from SlicerMed3DVLMLib.logic import BusyError, Med3DVLMLogic
 from SlicerMed3DVLMLib.volume_node import modality_and_sequence, node_metadata, read_volume_node, volume_from_node
 
@@ -269,15 +269,84 @@ def test_question_must_not_be_empty(make_logic, make_volume):
         logic.ask(volume, "   ")
 
 
-def test_detection_not_available_or_recorded(make_logic, make_volume):
-    logic, volume = make_logic(), make_volume(coded_array())
+MR_SCORES = {("liver", "cyst"): 0.12, ("spleen", "mass"): 0.91, ("left kidney", "cyst"): 0.55}
+SCORE_COLUMNS = ["organ", "abnormality", "probability", "threshold", "above threshold"]
+
+
+def cells(table) -> list[tuple[str, ...]]:
+    """A table node's cells as text, as Slicer's Tables module shows them."""
+    return [tuple(table.GetCellText(r, c) for c in range(table.GetNumberOfColumns()))
+            for r in range(table.GetNumberOfRows())]
+
+
+def tables(scene) -> list:
+    nodes = scene.GetNodesByClass("vtkMRMLTableNode")
+    return [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())]
+
+
+def test_detection_not_available_or_recorded(scene, make_logic, make_volume):
+    logic, volume = make_logic(), make_volume(coded_array(), name="MR T2 abdomen")
     with pytest.raises(Med3DVLMError, match="cannot do abnormality detection"):
         logic.detect(volume)
-    assert logic.records(volume) == []
-    scored = make_logic(scores={"liver lesion": 0.91, "kidney cyst": 0.12})
-    assert scored.detect(volume) == {"liver lesion": 0.91, "kidney cyst": 0.12}
+    assert logic.records(volume) == [] and tables(scene) == []
+    scored = make_logic(scores={("liver", "mass"): 0.91, ("left kidney", "cyst"): 0.12})
+    assert scored.detect(volume) == {"mass in the liver": 0.91, "cyst in the left kidney": 0.12}
     (findings,) = scored.records(volume, text_nodes.FINDINGS_ROLE)
-    assert findings.GetText() == "liver lesion: 0.91\nkidney cyst: 0.12"
+    assert findings.GetText() == "mass in the liver: 0.91\ncyst in the left kidney: 0.12"
+
+
+def test_scores_are_one_sorted_table_per_volume_replaced_on_rerun(scene, make_logic, make_volume):
+    mr, other = make_volume(coded_array(), name="MR T2 abdomen"), make_volume(coded_array(), name="T1 pelvis")
+    make_logic(scores=MR_SCORES).detect(mr)
+    (table,) = tables(scene)
+    assert table.GetName() == "MR T2 abdomen abnormality scores"
+    assert table.GetNodeReferenceID(score_table.SCORES_ROLE) == mr.GetID()
+    assert [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())] == SCORE_COLUMNS
+    assert cells(table) == [("spleen", "mass", "0.91", "0.5", "1"), ("left kidney", "cyst", "0.55", "0.5", "1"),
+                            ("liver", "cyst", "0.12", "0.5", "0")]
+
+    make_logic(scores={("liver", "cyst"): 0.7, ("spleen", "mass"): 0.2}).detect(mr)  # another model, same volume
+    assert tables(scene) == [table]  # the same node refilled: views showing it follow
+    assert cells(table) == [("liver", "cyst", "0.7", "0.5", "1"), ("spleen", "mass", "0.2", "0.5", "0")]
+
+    make_logic(scores=MR_SCORES).detect(other)
+    assert len(tables(scene)) == 2
+    assert [r.organ for r in score_table.read_scores(score_table.find_table(scene, other)).rows] == [
+        "spleen", "left kidney", "liver"]
+    assert [r.organ for r in score_table.read_scores(table).rows] == ["liver", "spleen"]
+
+
+def test_failed_detection_keeps_the_earlier_scores(make_logic, make_volume):
+    mr = make_volume(coded_array(), name="MR T2 abdomen")
+    make_logic(scores=MR_SCORES).detect(mr)
+    logic = make_logic()  # a model without a detector
+    before = logic.abnormality_scores(mr)
+    with pytest.raises(Med3DVLMError, match="cannot do abnormality detection"):
+        logic.detect(mr)
+    assert logic.abnormality_scores(mr) == before and len(before.rows) == 3
+
+
+def test_score_table_survives_saving_and_reloading(tmp_path, scene, make_logic, make_volume):
+    from slicer import vtkMRMLScene
+
+    volume = make_volume(coded_array(), LPS_OBLIQUE, name="MR T2 abdomen")
+    make_logic(scores=MR_SCORES).detect(volume)
+    saved = make_logic().abnormality_scores(volume)
+    assert scene.SaveSceneToSlicerDataBundleDirectory(str(tmp_path))
+
+    reloaded = vtkMRMLScene()
+    reloaded.SetURL(str(next(tmp_path.glob("*.mrml"))))
+    assert reloaded.Import()
+    volume2 = reloaded.GetFirstNodeByName("MR T2 abdomen")
+    logic2 = make_logic(reloaded, scores={("liver", "cyst"): 0.3})
+    assert logic2.abnormality_scores(volume2) == saved  # rows, types, sequence and model all kept
+    assert saved.sequences == ["T2"] and saved.model == "demo"
+    assert [r.probability for r in saved.rows] == [0.91, 0.55, 0.12] and [r.above for r in saved.rows] == [
+        True, True, False]
+
+    logic2.detect(volume2)  # a new run after reloading replaces the reloaded table
+    (table,) = tables(reloaded)
+    assert cells(table) == [("liver", "cyst", "0.3", "0.5", "0")]
 
 
 # ----- lifetime ---------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
-"""The chat panel: conversation view, question box, buttons, status line and settings. No MRML.
+"""The chat panel: conversation view, abnormality scores, question box, buttons, status line and
+settings. No MRML.
 
 User actions reach the owner through plain callbacks (``on_send(question)``, ``on_report()``,
-``on_stop()``, ``on_clear()``, ``on_volume_changed()``, ``on_apply_settings(values)``) because
-PythonQt cannot declare Python signals. The volume selector is whatever widget the owner passes
-(a qMRMLNodeComboBox in Slicer); without one the panel makes a plain combo filled by
-:meth:`ChatPanel.set_volume_choices`.
+``on_detect()``, ``on_stop()``, ``on_clear()``, ``on_volume_changed()``,
+``on_apply_settings(values)``) because PythonQt cannot declare Python signals. The volume
+selector is whatever widget the owner passes (a qMRMLNodeComboBox in Slicer); without one the
+panel makes a plain combo filled by :meth:`ChatPanel.set_volume_choices`.
 """
 
 from __future__ import annotations
@@ -14,14 +15,15 @@ import re
 from collections.abc import Callable
 
 from .qtcompat import (
-    QApplication, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel,
-    QPlainTextEdit, QProgressBar, QPushButton, QSpinBox, Qt, QTextBrowser, QTextCursor,
-    QVBoxLayout, QWidget, prop,
+    QAbstractItemView, QApplication, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout,
+    QHeaderView, QLabel, QPlainTextEdit, QProgressBar, QPushButton, QSpinBox, Qt, QTableWidget,
+    QTableWidgetItem, QTextBrowser, QTextCursor, QVBoxLayout, QWidget, prop,
 )
 from .settings import DEVICES, PRECISIONS
 from .transcript import Turn, now, transcript_markdown
 
 COLORS = {"user": "#1c71d8", "model": "#26a269", "error": "#c01c28"}
+SCORE_HEADERS = ("Organ", "Abnormality", "Probability", "Threshold", "Above")
 
 
 def _inline(text: str) -> str:
@@ -104,6 +106,7 @@ class ChatPanel(QWidget):
         QWidget.__init__(self, parent)
         self.on_send: Callable[[str], None] | None = None
         self.on_report: Callable[[], None] | None = None
+        self.on_detect: Callable[[], None] | None = None
         self.on_stop: Callable[[], None] | None = None
         self.on_clear: Callable[[], None] | None = None
         self.on_volume_changed: Callable[[], None] | None = None
@@ -127,6 +130,7 @@ class ChatPanel(QWidget):
         self.view = QTextBrowser()
         self.view.setOpenExternalLinks(True)
         layout.addWidget(self.view, 1)
+        layout.addLayout(self._build_scores())
         self.question_box = QuestionBox(self._send)
         self.question_box.setPlaceholderText("Ask about the volume (Enter sends, Shift+Enter: new line, Up: earlier questions)")
         self.question_box.setMaximumHeight(70)
@@ -159,10 +163,34 @@ class ChatPanel(QWidget):
         self.settings_box.setVisible(False)
         layout.addWidget(self.settings_box)
         self.stop_button.setEnabled(False)
+        self.show_scores(None)
         if hasattr(self.volume_selector, "currentNodeChanged"):  # qMRMLNodeComboBox (PythonQt)
             self.volume_selector.connect("currentNodeChanged(vtkMRMLNode*)", lambda *_: self._call(self.on_volume_changed))
         else:
             self.volume_selector.currentIndexChanged.connect(lambda *_: self._call(self.on_volume_changed))
+
+    def _build_scores(self) -> QVBoxLayout:
+        """Detect button, a one-line summary and the score table (shown once the volume has scores)."""
+        self.detect_button = self._button("Detect abnormalities", lambda: self._call(self.on_detect))
+        self.detect_button.setToolTip("MRI abnormality scores (MedMAP); kept in the scene as a table")
+        self.scores_label = QLabel()
+        header = QHBoxLayout()
+        header.addWidget(self.detect_button)
+        header.addWidget(self.scores_label, 1)
+        table = self.scores_table = QTableWidget(0, len(SCORE_HEADERS))
+        table.setHorizontalHeaderLabels(list(SCORE_HEADERS))
+        table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        table.setSelectionBehavior(QAbstractItemView.SelectRows)
+        table.verticalHeader().setVisible(False)
+        table.verticalHeader().setDefaultSectionSize(table.fontMetrics().height() + 6)
+        for column in range(len(SCORE_HEADERS)):  # names share the spare width, numbers fit their text
+            mode = QHeaderView.Stretch if column < 2 else QHeaderView.ResizeToContents
+            table.horizontalHeader().setSectionResizeMode(column, mode)
+        table.setMaximumHeight(190)  # about eight rows: the conversation keeps most of the height
+        box = QVBoxLayout()
+        box.addLayout(header)
+        box.addWidget(table)
+        return box
 
     def _build_settings(self) -> QWidget:
         box = QWidget()
@@ -269,9 +297,36 @@ class ChatPanel(QWidget):
         self.question_box.clear()
         self._call(self.on_send, question)
 
+    # ----- abnormality scores -----------------------------------------------------------------------
+    def show_scores(self, scores) -> None:
+        """A volume's stored scores (``rows`` highest probability first, ``sequences``, ``model``);
+        None hides the table (no detection yet, or not an MRI volume)."""
+        rows = scores.rows if scores is not None else []
+        self.scores_table.setVisible(bool(rows))
+        self.scores_table.setRowCount(len(rows))
+        right, center = Qt.AlignRight | Qt.AlignVCenter, Qt.AlignCenter
+        for index, row in enumerate(rows):
+            cells = (row.organ, row.abnormality, f"{row.probability:.2f}", f"{row.threshold:.2f}",
+                     "yes" if row.above else "")
+            for column, text in enumerate(cells):
+                item = QTableWidgetItem(text)
+                if column >= 2:
+                    item.setTextAlignment(center if column == 4 else right)
+                if row.above:  # the labels the detector calls present stand out
+                    font = item.font()
+                    font.setBold(True)
+                    item.setFont(font)
+                self.scores_table.setItem(index, column, item)
+        if rows:
+            above = sum(row.above for row in rows)
+            source = ", ".join(scores.sequences + ([f"model {scores.model}"] if scores.model else []))
+            self.scores_label.setText(f"{above} of {len(rows)} above threshold ({source})")
+        else:
+            self.scores_label.setText("")
+
     # ----- state --------------------------------------------------------------------------------
     def set_busy(self, busy: bool) -> None:
-        for button in (self.report_button, self.send_button, self.clear_button):
+        for button in (self.report_button, self.detect_button, self.send_button, self.clear_button):
             button.setEnabled(not busy)
         self.stop_button.setEnabled(busy)
         if not busy:

@@ -23,6 +23,7 @@ class ChatController:
         self._streaming_volume: str | None = None
         panel.on_send = self.ask
         panel.on_report = self.generate_report
+        panel.on_detect = self.detect
         panel.on_stop = self.logic.cancel
         panel.on_clear = self.clear
         panel.on_volume_changed = self.show_volume
@@ -38,12 +39,13 @@ class ChatController:
         self.panel.set_volume_choices(self.logic.volume_choices())
 
     def show_volume(self) -> None:
-        """Show the selected volume's reports and conversation (as stored in the scene, where a
-        streaming answer is complete up to the last token delivered)."""
+        """Show the selected volume's reports, conversation and abnormality scores (as stored in the
+        scene, where a streaming answer is complete up to the last token delivered)."""
         volume = self.panel.selected_volume_id()
         self.panel.transcript_title = f"Med3DVLM conversation — {self.logic.volume_name(volume)}"
         streaming = self.logic.busy and volume == self._streaming_volume
         self.panel.show_turns(self.logic.session_turns(volume), streaming=streaming)
+        self.panel.show_scores(self.logic.abnormality_scores(volume))
 
     def generate_report(self) -> None:
         self._start(lambda volume, **callbacks: self.logic.generate_report(volume, **callbacks))
@@ -84,6 +86,7 @@ class ChatController:
         self.panel.set_busy(False)
         if self.panel.selected_volume_id() == volume:
             self.panel.show_turns(self.logic.session_turns(volume))
+            self.panel.show_scores(self.logic.abnormality_scores(volume))
             if result.error:
                 self.panel.show_error(result.error)
 

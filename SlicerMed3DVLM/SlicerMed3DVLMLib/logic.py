@@ -4,6 +4,7 @@
     text = logic.generate_report(volume_node)                       # blocks, returns the report
     logic.ask(volume_node, "Is there a lesion?", on_token=print,    # returns the text node at once;
               on_done=lambda result: print(result.text))            # callbacks run on the main thread
+    scores = logic.detect(mri_node)                                 # {label: probability}, kept as a table
 
 One request at a time: a second one while the first runs is refused with ``BusyError`` (not
 queued, so that nothing runs that the user has forgotten about). The model loads lazily on the
@@ -21,7 +22,7 @@ from typing import Any
 
 from med3dvlm.errors import Med3DVLMError
 
-from . import text_nodes
+from . import score_table, text_nodes
 from .settings import Settings, SettingsStore, load_settings, save_settings
 from .transcript import Turn, now, qa_pairs
 from .volume_node import DicomLookup, volume_from_node
@@ -85,9 +86,10 @@ def _describe(pipeline, settings: Settings) -> str:
 class _Request:
     """State of the running request, owned by the main thread (``tokens`` is counted by the worker)."""
 
-    def __init__(self, kind: str, node, turns: list[Turn], callbacks: dict, max_tokens: int) -> None:
-        self.kind, self.node, self.turns, self.callbacks = kind, node, turns, callbacks
-        self.max_tokens = max_tokens
+    def __init__(self, kind: str, volume, node, turns: list[Turn], callbacks: dict, max_tokens: int,
+                 model: str) -> None:
+        self.kind, self.volume, self.node, self.turns, self.callbacks = kind, volume, node, turns, callbacks
+        self.max_tokens, self.model = max_tokens, model
         self.tokens = 0  # counted, and the two times below taken, on the worker thread
         self.started = 0.0
         self.last_token = 0.0
@@ -204,7 +206,7 @@ class Med3DVLMLogic:
         earlier = text_nodes.get_turns(record)
         turns = earlier + [Turn("user", question or REQUEST_TEXT[kind], now()), Turn("model", "", now())]
         text_nodes.set_turns(record, turns, status="generating")
-        request = _Request(kind, record, turns, callbacks, settings.max_new_tokens)
+        request = _Request(kind, node, record, turns, callbacks, settings.max_new_tokens, settings.model)
         work = self._work(kind, volume, question, qa_pairs(earlier), settings, request)
         self._request = request
         request.job = self._worker.submit(work, lambda event, payload: self._on_event(request, event, payload))
@@ -223,6 +225,9 @@ class Med3DVLMLogic:
             pipeline = self._pipeline_for(settings, emit)
             if cancel.cancelled:
                 return None
+            if kind == "findings":  # the detector has its own image towers: the VLM encoding is not needed
+                emit("status", "generating")
+                return pipeline.detect(volume)
             emit("status", "encoding")
             pipeline.encode(volume)  # cached by the pipeline: instant for a volume seen before
             if cancel.cancelled:
@@ -232,9 +237,7 @@ class Med3DVLMLogic:
             gen = settings.generation()
             if kind == "report":
                 return pipeline.report(volume, on_token=count(emit), cancel=cancel, **gen)
-            if kind == "answer":
-                return pipeline.ask(volume, question, history=history, on_token=count(emit), cancel=cancel, **gen)
-            return pipeline.detect(volume)
+            return pipeline.ask(volume, question, history=history, on_token=count(emit), cancel=cancel, **gen)
 
         def work(emit, cancel):
             value = generate(emit, cancel)
@@ -286,6 +289,8 @@ class Med3DVLMLogic:
         value, stopped = outcome
         request.result.stopped = stopped
         if request.kind == "findings" and value:
+            if not request.detached and self.scene.IsNodePresent(request.volume):
+                score_table.write_scores(self.scene, request.volume, value, request.model)
             request.result.scores = dict(value)
             value = "\n".join(f"{name}: {score:.2f}" for name, score in request.result.scores.items())
         text = request.result.text = request.turns[-1].text = value or request.turns[-1].text
@@ -377,6 +382,12 @@ class Med3DVLMLogic:
         node = self._resolve(volume_node)
         if node is not None:
             text_nodes.archive_session(self.scene, node)
+
+    def abnormality_scores(self, volume_node) -> score_table.StoredScores | None:
+        """The volume's latest abnormality scores as stored in its table node, or None."""
+        node = self._resolve(volume_node)
+        table = score_table.find_table(self.scene, node) if node is not None else None
+        return score_table.read_scores(table) if table is not None else None
 
     def records(self, volume_node, role: str | None = None, include_archived: bool = True) -> list:
         """The volume's text nodes (reports, conversations, findings), oldest first."""

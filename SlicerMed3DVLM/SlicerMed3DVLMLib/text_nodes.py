@@ -29,7 +29,7 @@ def create_record(scene, volume, role: str, model_name: str):
     """A new text node of kind ``role`` referencing ``volume``."""
     node = scene.AddNewNodeByClass("vtkMRMLTextNode")
     node.SetName(scene.GenerateUniqueName(f"{volume.GetName()} {TITLES[role]}"))
-    with _modifying(node):
+    with modifying(node):
         node.SetNodeReferenceID(role, volume.GetID())
         node.SetAttribute(CREATED, now())
         node.SetAttribute(MODEL, model_name)
@@ -70,7 +70,7 @@ def get_turns(node) -> list[Turn]:
 def set_turns(node, turns: list[Turn], status: str | None = None) -> None:
     """Store ``turns`` (one Modified event, so views refresh once per update)."""
     role = record_role(node)
-    with _modifying(node):
+    with modifying(node):
         node.SetAttribute(TURNS, turns_to_json(turns))
         if role == CONVERSATION_ROLE:
             node.SetText(transcript_markdown(turns, title=node.GetName()))
@@ -94,7 +94,7 @@ def archive_session(scene, volume) -> int:
     return len(active)
 
 
-class _modifying:
+class modifying:
     """StartModify/EndModify as a context manager."""
 
     def __init__(self, node) -> None:
