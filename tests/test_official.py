@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, Phi3Config, PreTrainedTokenizerFast, Qwen2Config
 
+import med3dvlm.checkpoints
 from med3dvlm.checkpoints import load_bundle
 from med3dvlm.convert import convert
 from med3dvlm.errors import ModelError
@@ -27,6 +28,7 @@ from med3dvlm.models.projector import ProjectorConfig
 from med3dvlm.models.vlm import Med3DVLM, Med3DVLMConfig
 from med3dvlm.official import folder_kind, is_official_folder, load_official
 from med3dvlm.prompts import report_prompt, vqa_prompt
+from med3dvlm.quantization import quantizable_layers
 
 TEXTS = ["Describe the findings of the medical image you see.", "The liver shows a hypodense lesion.",
          "Is there a cyst in the left kidney?", "No focal lesion; the spleen is normal."] * 4
@@ -185,6 +187,21 @@ def test_med3dvlm_release_loads_and_computes_exactly(qwen_release):
     ids = loaded_tokenizer(vqa_prompt(8, "Is there a cyst?"), return_tensors="pt")["input_ids"]
     image = model.encode_images(pixels)
     assert torch.equal(model.build_inputs_embeds(ids, image), official_embeds(model, ids, image))
+
+
+@pytest.mark.parametrize("mode", ["8bit", "4bit"])
+def test_med3dvlm_release_loads_quantized_batch_by_batch(qwen_release, mode, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    folder, reference, tokenizer = qwen_release
+    monkeypatch.setattr(med3dvlm.checkpoints, "BATCH_NUMBERS", 5_000)  # several batches per shard
+    model, loaded_tokenizer = load_official(folder, quantization=mode)
+    assert quantizable_layers(model) == [] and len(quantizable_layers(reference)) == 2 * 7
+    assert type(model.language_model.model.layers[1].mlp.down_proj).__name__ == \
+        {"8bit": "Linear8bitLt", "4bit": "Linear4bit"}[mode]
+    pixels = torch.rand(1, 1, *QWEN_INPUT, generator=torch.Generator().manual_seed(3))
+    prompt = report_prompt(8, "Describe the findings of the medical image you see.")
+    ours = logits(model, loaded_tokenizer, pixels, prompt).flatten()
+    assert torch.corrcoef(torch.stack([ours, logits(reference, tokenizer, pixels, prompt).flatten()]))[0, 1] > 0.99
 
 
 @pytest.mark.parametrize("lm", ["phi3", "llama"])

@@ -9,7 +9,9 @@ before any tensor data is read.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Iterable
+import math
+from collections.abc import Callable, Collection, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 _SHOWN = 5  # how many names an error message lists before "and N more"
+BATCH_NUMBERS = 1 << 24  # numbers assigned per batch: 32 MiB in 16 bits; a larger tensor is a batch of its own
 
 
 def write_config(folder: str | Path, config: dict[str, Any]) -> None:
@@ -68,28 +71,66 @@ def load_weights(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     skip: Collection[str] = (),
+    after_batch: Callable[[], None] | None = None,
 ) -> None:
     """Assigns the tensors of a safetensors file to ``module`` (typically built on the meta device).
 
     Every state-dict entry except ``skip`` must be in the file with the same shape, and the file
     must hold nothing else; otherwise a ModelError lists the offending names. Floating-point
-    tensors are cast to ``dtype`` when given; integer buffers keep their type.
+    tensors are cast to ``dtype`` when given; integer buffers keep their type. ``after_batch``: see
+    :func:`assign_in_batches`.
     """
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"The weights file {path} is missing; the model folder is incomplete.")
     expected = {name: tuple(t.shape) for name, t in module.state_dict().items() if name not in skip}
+    with _unreadable(path):
+        handle = safe_open(str(path), framework="pt", device=device_name(device))
+        stored = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+
+    def read(name: str) -> torch.Tensor:
+        with _unreadable(path):
+            return prepared_tensor(handle.get_tensor(name), dtype)
+
+    with handle:  # only reads are guarded: errors of after_batch (quantizing) are not the file's
+        check_names_and_shapes(path, expected, stored)
+        assign_in_batches(module, stored, read, after_batch)
+
+
+@contextmanager
+def _unreadable(path: Path) -> Iterator[None]:
+    """Read errors as a ModelError naming the file; running out of GPU memory stays what it is."""
     try:
-        with safe_open(str(path), framework="pt", device=device_name(device)) as handle:
-            stored = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
-            check_names_and_shapes(path, expected, stored)
-            tensors = {name: prepared_tensor(handle.get_tensor(name), dtype) for name in stored}
-    except ModelError:
+        yield
+    except torch.cuda.OutOfMemoryError:
         raise
     except Exception as error:  # safetensors reports a damaged header or payload with several types
         raise ModelError(f"The weights file {path} cannot be read ({error}); it is corrupted or "
                          "truncated, so save or download it again.") from error
-    module.load_state_dict(tensors, strict=False, assign=True)
+
+
+def assign_in_batches(module: nn.Module, shapes: dict[str, tuple[int, ...]], read: Callable[[str], torch.Tensor],
+                      after_batch: Callable[[], None] | None = None) -> None:
+    """Assigns ``read(name)`` to ``module`` for every name in ``shapes``, about BATCH_NUMBERS numbers
+    at a time, and calls ``after_batch`` after each batch: a quantizing load rewrites what has just
+    arrived, so that the float weights of a large model are never all in memory at once."""
+    batch: list[str] = []
+    numbers = 0
+    for name, shape in shapes.items():
+        if batch and numbers + math.prod(shape) > BATCH_NUMBERS:
+            _assign(module, batch, read, after_batch)
+            batch, numbers = [], 0
+        batch.append(name)
+        numbers += math.prod(shape)
+    if batch:
+        _assign(module, batch, read, after_batch)
+
+
+def _assign(module: nn.Module, names: list[str], read: Callable[[str], torch.Tensor],
+            after_batch: Callable[[], None] | None) -> None:
+    module.load_state_dict({name: read(name) for name in names}, strict=False, assign=True)
+    if after_batch is not None:
+        after_batch()
 
 
 def prepared_tensor(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -138,14 +179,16 @@ def save_bundle(folder: str | Path, model: Med3DVLM, tokenizer: PreTrainedTokeni
 
 
 def load_bundle(
-    folder: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    folder: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+    quantization: str | None = None,
 ) -> tuple[Med3DVLM, PreTrainedTokenizerFast]:
-    """The model and tokenizer saved by ``save_bundle``, checked against each other."""
+    """The model and tokenizer saved by ``save_bundle``, checked against each other; ``quantization``
+    as in ``Med3DVLM.from_pretrained``."""
     # Imported here because the model module itself uses this module's weight I/O.
     from .models.vlm import Med3DVLM
     from .tokenizer import image_token_id, load_tokenizer
 
-    model = Med3DVLM.from_pretrained(folder, device=device, dtype=dtype)
+    model = Med3DVLM.from_pretrained(folder, device=device, dtype=dtype, quantization=quantization)
     tokenizer = load_tokenizer(folder)
     vocab = model.config.text_config.vocab_size
     if len(tokenizer) > vocab or image_token_id(tokenizer) != model.config.image_token_id:

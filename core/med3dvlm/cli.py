@@ -14,6 +14,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="demo", help="'demo' (bundled) or a model folder (default: demo)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
     p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16 (default: auto)")
+    p.add_argument("--quantization", choices=["4bit", "8bit"], default=None,
+                   help="store the language model's decoder in 4-bit (NF4) or 8-bit (LLM.int8) with bitsandbytes "
+                        "(pip install 'med3dvlm[quant]'); the rest keeps --dtype (default: none)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (1 is fastest for small models on a busy CPU)")
     _add_pickle_arg(p)
@@ -43,7 +46,8 @@ def _pipeline(args):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return load(args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle)
+    return load(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization,
+                allow_pickle=args.allow_pickle)
 
 
 def _progress(total: int, unit: str):

@@ -16,6 +16,7 @@ from .checkpoints import read_config
 from .errors import ModelError
 from .official import (KIND_M3D_LAMED, KIND_MED3DVLM, KIND_OURS, OFFICIAL_TYPES, SEGMENTATION_PREFIXES, folder_kind,
                        official_type, our_name, stored_tensors)
+from .quantization import QUANTIZED_PREFIX, quantized_bytes
 
 TITLES = {KIND_OURS: "Med3DVLM bundle saved by this package",
           KIND_MED3DVLM: "official Med3DVLM release",
@@ -24,19 +25,18 @@ PARTS = (("vision_tower.", "vision encoder"), ("mm_projector.", "projector"), ("
 PRECISIONS = ("float32", "bfloat16", "float16", "8-bit", "4-bit")
 _BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
           "int8": 1, "uint8": 1, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1}
-_QUANT_BLOCK = 64  # bitsandbytes 4-bit: one float32 scale per block of 64 weights
-_QUANTIZED = "language_model.model.layers."  # decoder Linear weights; the rest stays 16-bit
 
 
 def _weight_bytes(name: str, shape: tuple[int, ...], dtype: str) -> dict[str, float]:
-    """Bytes of one tensor at each precision (integer buffers keep their own size)."""
+    """Bytes of one tensor at each precision (integer buffers keep their own size); the decoder's
+    Linear weights are quantized as ``med3dvlm.load(..., quantization=...)`` does, the rest is 16-bit."""
     n = math.prod(shape)
     if not (dtype.startswith("float") or dtype.startswith("bfloat")):
         return dict.fromkeys(PRECISIONS, n * _BYTES.get(dtype, 8))
     sizes = {"float32": 4 * n, "bfloat16": 2 * n, "float16": 2 * n, "8-bit": 2 * n, "4-bit": 2 * n}
-    if name.startswith(_QUANTIZED) and len(shape) == 2:
-        sizes["8-bit"] = n + 4 * shape[0]  # int8 weights + a float32 scale per output row
-        sizes["4-bit"] = n / 2 + 4 * math.ceil(n / _QUANT_BLOCK)
+    if name.startswith(QUANTIZED_PREFIX) and name.endswith(".weight") and len(shape) == 2:
+        sizes["8-bit"] = quantized_bytes(shape, "8bit")
+        sizes["4-bit"] = quantized_bytes(shape, "4bit")
     return sizes
 
 

@@ -33,13 +33,15 @@ import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, Phi3Config, PretrainedConfig, Qwen2Config
 
-from .checkpoints import CONFIG_NAME, device_name, prepared_tensor, check_names_and_shapes, read_config
+from .checkpoints import (CONFIG_NAME, assign_in_batches, check_names_and_shapes, device_name, prepared_tensor,
+                          read_config)
 from .errors import ModelError
 from .models.dcformer import DCFormerConfig
 from .models.m3d_lamed import M3DLaMed, M3DLaMedConfig, PoolingProjectorConfig, ViT3DConfig
 from .models.projector import ProjectorConfig
 from .models.vlm import MODEL_TYPE, Med3DVLM, Med3DVLMConfig
 from .prompts import IMAGE_TOKEN
+from .quantization import quantizer
 
 KIND_OURS, KIND_MED3DVLM, KIND_M3D_LAMED = "med3dvlm", "official-med3dvlm", "m3d-lamed"
 # Official model_type -> (kind, config class of its language model).
@@ -322,11 +324,12 @@ def official_config(release: Release, tokenizer) -> Med3DVLMConfig | M3DLaMedCon
 
 # ----- loading ------------------------------------------------------------------------------------
 def load_official(folder: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                  *, allow_pickle: bool = False) -> tuple[Med3DVLM, Any]:
+                  *, allow_pickle: bool = False, quantization: str | None = None) -> tuple[Med3DVLM, Any]:
     """(model in eval mode, tokenizer) of an official Med3DVLM or M3D-LaMed folder.
 
-    ``dtype`` casts floating-point weights (None keeps the stored dtype). ModelError names any
-    missing, unexpected or mis-shaped tensor, and a missing or damaged shard.
+    ``dtype`` casts floating-point weights (None keeps the stored dtype); ``quantization`` ('4bit' or
+    '8bit') quantizes the LM's decoder while it loads. ModelError names any missing, unexpected or
+    mis-shaped tensor, and a missing or damaged shard.
     """
     folder = Path(folder)
     release = Release.read(folder)
@@ -338,16 +341,22 @@ def load_official(folder: str | Path, device: torch.device | str | None = None, 
     source, stored = stored_tensors(folder, allow_pickle)
     with torch.device("meta"):
         model = (M3DLaMed if isinstance(config, M3DLaMedConfig) else Med3DVLM)(config)
+    after_batch = quantizer(model, quantization, device)
     plan = _plan(source, model, stored, skip_segmentation=bool(release.raw.get("segmentation_module")))
-    by_file: dict[Path, list[tuple[str, str]]] = defaultdict(list)
+    by_file: dict[Path, dict[str, str]] = defaultdict(dict)
     for ours, official in plan.items():
-        by_file[stored[official].file].append((ours, official))
+        by_file[stored[official].file][ours] = official
     for file, names in by_file.items():
-        shard = _Shard(file, device)
-        model.load_state_dict({ours: prepared_tensor(shard.tensor(official), dtype) for ours, official in names},
-                              strict=False, assign=True)
+        _load_shard(model, _Shard(file, device), names, stored, dtype, after_batch)
     _finish(model, folder, device)
     return model.eval(), tokenizer
+
+
+def _load_shard(model: Med3DVLM, shard: _Shard, names: dict[str, str], stored: dict[str, StoredTensor],
+                dtype: torch.dtype | None, after_batch: Callable[[], None] | None) -> None:
+    """Assigns one shard's tensors (our name -> official name) to the model, batch by batch."""
+    assign_in_batches(model, {ours: stored[official].shape for ours, official in names.items()},
+                      lambda ours: prepared_tensor(shard.tensor(names[ours]), dtype), after_batch)
 
 
 def _plan(source: Path, model: Med3DVLM, stored: dict[str, StoredTensor], skip_segmentation: bool) -> dict[str, str]:

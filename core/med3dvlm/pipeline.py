@@ -28,6 +28,7 @@ from .cancel import CancelToken
 from .checkpoints import SIGLIP_FOLDER, load_bundle, load_siglip
 from .detection import DetectionResult, Detector
 from .official import is_official_folder, load_official
+from .quantization import check_quantization
 from .errors import Med3DVLMError, ModelError
 from .generation import ANSWER_SETTINGS, REPORT_SETTINGS, CallbackStreamer, GenerationSettings, stopping_criteria
 from .preprocess import PRESETS, PreprocessConfig, preprocess
@@ -75,39 +76,29 @@ def load(model: str | os.PathLike = "demo", device: str = "auto", dtype: str | t
 
     Our own bundles and the official Med3DVLM / M3D-LaMed release folders are recognised by their
     config; ``allow_pickle`` permits official ``.bin`` weights (read with ``weights_only=True``).
+    ``quantization='4bit'`` (NF4) or ``'8bit'`` (LLM.int8) stores the language model's decoder
+    layers with bitsandbytes (``pip install 'med3dvlm[quant]'``); the rest keeps ``dtype``.
     """
     folder = demo_model_dir() if str(model) == "demo" else Path(model).expanduser()
     if not folder.is_dir():
         raise ModelError(f"Model folder {folder} does not exist; pass 'demo' or a folder holding "
                          "config.json and *.safetensors.")
-    if quantization is not None:
-        _check_quantization(quantization)
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
+    if quantization is not None:
+        check_quantization(quantization, torch_device)  # before anything is read
     with _friendly_oom("loading the model"):
         if is_official_folder(folder):
-            vlm, tokenizer = load_official(folder, device=torch_device, dtype=torch_dtype, allow_pickle=allow_pickle)
+            vlm, tokenizer = load_official(folder, device=torch_device, dtype=torch_dtype, allow_pickle=allow_pickle,
+                                           quantization=quantization)
         else:
-            vlm, tokenizer = load_bundle(folder, device=torch_device, dtype=torch_dtype)
+            vlm, tokenizer = load_bundle(folder, device=torch_device, dtype=torch_dtype, quantization=quantization)
         siglip = folder / SIGLIP_FOLDER
         retrieval = load_siglip(siglip, device=torch_device, dtype=torch_dtype) if siglip.is_dir() else None
     name = "demo" if str(model) == "demo" else folder.name
     detector_dir = demo_detector_dir() if str(model) == "demo" else folder / DETECTOR_FOLDER
     detector = Detector.load(detector_dir, device=torch_device) if detector_dir.is_dir() else None
     return Pipeline(vlm, tokenizer, retrieval=retrieval, detector=detector, name=name, cache_size=cache_size)
-
-
-def _check_quantization(mode: str) -> None:
-    if mode not in ("4bit", "8bit"):
-        raise Med3DVLMError(f"Unknown quantization {mode!r}; use '4bit' or '8bit'.")
-    if not torch.cuda.is_available():
-        raise Med3DVLMError(f"{mode} quantization needs a CUDA GPU (bitsandbytes); none is available, "
-                            "so load in float32 on the CPU instead (quantization=None).")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise Med3DVLMError(f"{mode} quantization needs the bitsandbytes package: pip install bitsandbytes") from None
-    raise Med3DVLMError(f"{mode} quantization is not supported for this model yet; use dtype='float16'.")
 
 
 class _friendly_oom:

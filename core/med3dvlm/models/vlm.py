@@ -29,6 +29,7 @@ from med3dvlm.checkpoints import (WEIGHTS_NAME, load_weights, meta_tensors, read
 from med3dvlm.errors import ModelError
 from med3dvlm.models.dcformer import DCFormer, DCFormerConfig, stage_tokens
 from med3dvlm.models.projector import MixerProjector, ProjectorConfig
+from med3dvlm.quantization import quantizer
 
 MODEL_TYPE = "med3dvlm"
 # Offset from the start of the placeholder run at which the image tokens are written.
@@ -239,13 +240,15 @@ class Med3DVLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: torch.device | str | None = None,
-                        dtype: torch.dtype | None = None) -> Med3DVLM:
-        """Loads a folder written by ``save_pretrained``, never holding two copies of the weights."""
+                        dtype: torch.dtype | None = None, quantization: str | None = None) -> Med3DVLM:
+        """Loads a folder written by ``save_pretrained``, never holding two copies of the weights;
+        ``quantization`` ('4bit' or '8bit') quantizes the LM's decoder while it loads."""
         folder = Path(folder)
         config = Med3DVLMConfig.load(folder)
         with torch.device("meta"):
             model = cls(config)
-        load_weights(model, folder / WEIGHTS_NAME, device=device, dtype=dtype, skip=model._tied_keys())
+        load_weights(model, folder / WEIGHTS_NAME, device=device, dtype=dtype, skip=model._tied_keys(),
+                     after_batch=quantizer(model, quantization, device))
         model.finish_loading(folder, device)
         return model.eval()
 
