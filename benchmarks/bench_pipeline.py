@@ -2,6 +2,7 @@
 
     python benchmarks/bench_pipeline.py                    # bundled demo model, CPU or GPU (auto)
     python benchmarks/bench_pipeline.py --model FOLDER --device cuda --dtype bfloat16
+    python benchmarks/bench_pipeline.py --quantization 8bit   # or 4bit: bitsandbytes LM layers
 
 Each figure is the median over --runs repetitions on the bundled CT sample (a fresh pipeline per
 load measurement; the encode cache is cleared before each encode measurement). "first question"
@@ -49,13 +50,17 @@ def main() -> int:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--quantization", choices=("4bit", "8bit"), default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     volume = read_volume(sample_path("ct_phantom.nii.gz"))
-    loads = [timed(lambda: med3dvlm.load(args.model, device=args.device, dtype=args.dtype))[0] for _ in range(args.runs)]
-    pipe = med3dvlm.load(args.model, device=args.device, dtype=args.dtype)
+    def load():
+        return med3dvlm.load(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization)
+
+    loads = [timed(load)[0] for _ in range(args.runs)]
+    pipe = load()
     pipe.report(volume, max_new_tokens=8)  # warm-up
 
     encodes, firsts, follow_ups, ttfts, rates = [], [], [], [], []
@@ -74,7 +79,8 @@ def main() -> int:
 
     device = str(pipe.device) + (f" ({torch.cuda.get_device_name()})" if pipe.device.type == "cuda" else "")
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, device {device}, dtype {pipe.dtype}, model {pipe.model_name}")
+          f"{torch.get_num_threads()} threads, device {device}, dtype {pipe.dtype}, model {pipe.model_name}, "
+          f"quantization {args.quantization or 'none'}")
     median = statistics.median
     for name, values, unit in (("model load", loads, "s"), ("volume encode", encodes, "s"),
                                ("first question (encode + answer)", firsts, "s"),

@@ -102,6 +102,13 @@ def test_cancel_stops_within_one_step(pipe, phantom):
     assert len(pipe.tokenizer(text)["input_ids"]) <= 3
 
 
+def test_streamed_pieces_add_up_to_the_returned_answer(pipe, phantom):
+    """What a user watches stream (CLI, chat panel) is exactly the answer returned: no leading space."""
+    pieces: list[str] = []
+    answer = pipe.ask(phantom.volume, "What abnormalities are present?", on_token=pieces.append)
+    assert pieces and "".join(pieces) == answer == answer.strip()
+
+
 def test_stream_iterator_stops_generation_when_consumer_stops(pipe, phantom):
     stream = pipe.stream_report(phantom.volume)
     first = next(stream)

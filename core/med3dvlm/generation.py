@@ -44,6 +44,8 @@ class CallbackStreamer(BaseStreamer):
 
     Decoding the whole sequence each time and emitting the new suffix keeps multi-byte characters
     and word-initial spaces (byte-level BPE) intact; a trailing U+FFFD waits for the next token.
+    Leading whitespace (answers follow the prompt after a space) is not emitted, so the pieces add
+    up to the stripped text the pipeline returns.
     """
 
     def __init__(self, tokenizer, on_text: Callable[[str], None]) -> None:
@@ -58,7 +60,7 @@ class CallbackStreamer(BaseStreamer):
             self.prompt_seen = True
             return
         self.token_ids.extend(value.reshape(-1).tolist())
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True).lstrip()
         if text.endswith("\ufffd"):
             return
         piece, self.emitted = text[len(self.emitted):], text
@@ -66,7 +68,7 @@ class CallbackStreamer(BaseStreamer):
             self.on_text(piece)
 
     def end(self) -> None:
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True).lstrip()
         if len(text) > len(self.emitted):
             self.on_text(text[len(self.emitted):])
             self.emitted = text

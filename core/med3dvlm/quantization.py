@@ -96,8 +96,7 @@ def quantizable_layers(model: nn.Module) -> list[str]:
 def nf4_linear(linear: nn.Linear) -> nn.Module:
     """A bitsandbytes Linear4bit holding ``linear``'s weight in NF4 (double-quantized scales),
     computing in the weight's float dtype; quantized on the weight's device."""
-    import bitsandbytes as bnb
-
+    bnb = _bitsandbytes()
     weight = linear.weight.detach()
     layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                               compute_dtype=weight.dtype, compress_statistics=True, quant_type="nf4",
@@ -112,9 +111,7 @@ def nf4_linear(linear: nn.Linear) -> nn.Module:
 def int8_linear(linear: nn.Linear) -> nn.Module:
     """A bitsandbytes Linear8bitLt (LLM.int8: int8 rows, one scale per row, outlier columns of
     the input in 16 bits) holding ``linear``'s weight; quantized on the weight's device."""
-    import bitsandbytes as bnb
-
-    _quiet_expected_cast()
+    bnb = _bitsandbytes()
     layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                 has_fp16_weights=False, threshold=OUTLIER_THRESHOLD, device="meta")
     # Int8Params quantizes only when moved off the CPU, so quantize explicitly wherever the weight is;
@@ -125,18 +122,32 @@ def int8_linear(linear: nn.Linear) -> nn.Module:
     return layer
 
 
-class _ExpectedCast(logging.Filter):
-    """LLM.int8 quantizes its inputs from float16 by design, yet recent bitsandbytes logs that cast
-    as a warning on every call: for each layer and each generated token."""
+# Messages bitsandbytes logs that are expected here and only alarm users: LLM.int8 casts its inputs
+# to float16 by design, yet recent releases warn about it on every call (for each layer and each
+# token); on CPUs with AVX-512 BF16 its import offers an optional kernel fetched from a model hub,
+# which we never use (its own fallback runs instead).
+_EXPECTED = {"bitsandbytes.autograd._functions": "MatMul8bitLt: inputs will be cast",
+             "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community"}
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+        return not record.getMessage().startswith(self.prefix)
 
 
-def _quiet_expected_cast() -> None:
-    logger = logging.getLogger("bitsandbytes.autograd._functions")
-    if not any(isinstance(f, _ExpectedCast) for f in logger.filters):
-        logger.addFilter(_ExpectedCast())
+def _bitsandbytes():
+    """bitsandbytes, imported with its expected-but-alarming log messages filtered out."""
+    for name, prefix in _EXPECTED.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) for f in logger.filters):
+            logger.addFilter(_DropMessage(prefix))
+    import bitsandbytes
+
+    return bitsandbytes
 
 
 def quantized_bytes(shape: tuple[int, ...], mode: str) -> float:
