@@ -17,7 +17,7 @@ from med3dvlm.tokenizer import train_tokenizer
 from med3dvlm.train.medmap import (
     TEXT_PARAMS, build_model, choose_thresholds, finetune, phantom_samples, pretrain, score_studies,
 )
-from med3dvlm.train.trainer import TrainConfig
+from med3dvlm.train.config import TrainConfig
 from med3dvlm.volume import Volume
 
 SEQUENCES = ("T1", "T2", "DWI")

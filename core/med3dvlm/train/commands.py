@@ -25,7 +25,7 @@ from ..preprocess import PRESETS
 from ..tokenizer import load_tokenizer, train_tokenizer
 from .examples import caption_examples, vqa_examples
 from .stages import build_vlm, siglip_stage, vlm_stage
-from .trainer import TrainConfig, parse_overrides
+from .config import TrainConfig, parse_overrides
 from .volumes import encoder_features, load_pixels
 
 STAGE_DEFAULTS = {

@@ -26,9 +26,9 @@ from ..models.dcformer import DCFormerConfig
 from ..models.text import TextConfig
 from ..preprocess import PRESETS
 from ..tokenizer import train_tokenizer
+from .config import TrainConfig
 from .examples import caption_examples, vqa_examples
 from .stages import build_vlm, siglip_stage, vlm_stage
-from .trainer import TrainConfig
 from .volumes import encoder_features, load_pixels
 
 

@@ -39,7 +39,8 @@ from ..preprocess import PreprocessConfig, preprocess
 from ..readers import read_volume
 from ..tokenizer import train_tokenizer
 from ..volume import MR_SEQUENCES
-from .trainer import TrainConfig, TrainResult, train
+from .config import TrainConfig
+from .trainer import TrainResult, train
 
 logger = logging.getLogger(__name__)
 

@@ -23,8 +23,9 @@ from ..models.siglip import SigLIPModel, sigmoid_loss
 from ..models.text import TextConfig
 from ..models.vlm import Med3DVLM, Med3DVLMConfig
 from ..tokenizer import image_token_id
+from .config import TrainConfig
 from .examples import Example, collate_examples
-from .trainer import TrainConfig, TrainResult, train
+from .trainer import TrainResult, train
 from .volumes import ImageTextDataset, LengthBatchedExamples, image_text_collate
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
