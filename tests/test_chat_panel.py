@@ -183,10 +183,12 @@ def test_transcript_copy_and_save(qtbot, chat, tmp_path):
 
 def test_settings_panel_round_trip(chat):
     panel, logic = chat
-    values = {"model": "demo", "device": "cpu", "dtype": "float32", "max_new_tokens": 64, "temperature": 0.3}
+    values = {"model": "demo", "device": "cpu", "dtype": "float32", "quantization": "4bit", "max_new_tokens": 64,
+              "temperature": 0.3}
     panel.set_settings_values(values)
     panel.on_apply_settings(panel.settings_values())
     assert logic.settings.device == "cpu" and logic.settings.max_new_tokens == 64
+    assert logic.settings.load_arguments()["quantization"] == "4bit"
     assert logic.settings.temperature == pytest.approx(0.3) and panel.settings_values() == values
 
 

@@ -97,6 +97,7 @@ def test_only_the_decoder_linears_are_quantized(quantized, float_pipe):
     expected = quantizable_layers(float_pipe.model)
     assert len(expected) == 4 * 7  # the demo LM: 4 layers of q, k, v, o, gate, up, down
     assert quantizable_layers(pipe.model) == []  # no float Linear left in the decoder
+    assert (pipe.quantization, float_pipe.quantization) == (mode, None)
     layer_type, code_dtype = {"8bit": (bnb.nn.Linear8bitLt, torch.int8), "4bit": (bnb.nn.Linear4bit, torch.uint8)}[mode]
     for name in expected:
         layer = pipe.model.get_submodule(name)

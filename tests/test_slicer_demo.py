@@ -65,6 +65,18 @@ def test_demo_report_and_question_stream_into_text_nodes(qtbot, scene, demo_logi
     assert [t.text for t in turns] == ["How many abnormalities are there?", answer]
 
 
+def test_quantized_demo_answers_in_slicer(qtbot, scene, demo_logic):
+    """The Quantization setting reaches the loader: the LM runs on bitsandbytes 8-bit layers."""
+    pytest.importorskip("bitsandbytes")
+    node = read_volume_node(scene, str(SAMPLE), name="CT sample")
+    demo_logic.update_settings(quantization="8bit")
+    done = []
+    demo_logic.ask(node, "How many abnormalities are there?", on_done=done.append)
+    qtbot.waitUntil(lambda: bool(done), timeout=120_000)
+    assert done[0].error is None and done[0].text.strip()
+    assert demo_logic.loaded_model == "demo (cpu, float32, LM 8bit)"
+
+
 def test_panel_with_demo_model(qtbot, scene, demo_logic):
     read_volume_node(scene, str(SAMPLE), name="CT sample")
     panel = ChatPanel()

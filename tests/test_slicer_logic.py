@@ -14,6 +14,7 @@ from slicer_standin import standin_loader
 
 from SlicerMed3DVLMLib import score_table, text_nodes
 from SlicerMed3DVLMLib.logic import BusyError, Med3DVLMLogic
+from SlicerMed3DVLMLib.settings import Settings
 from SlicerMed3DVLMLib.volume_node import modality_and_sequence, node_metadata, read_volume_node, volume_from_node
 
 # An LPS-style scan: i runs right-to-left, j anterior-to-posterior, k foot-to-head, slightly oblique.
@@ -380,17 +381,22 @@ def test_settings_persist_in_the_store(tmp_path, make_logic):
 
     store = QSettings(str(tmp_path / "settings.ini"), QSettings.IniFormat)
     make_logic(store=store).update_settings(model="/models/med3dvlm", device="cpu", max_new_tokens="128",
-                                           temperature=0.7)
+                                           temperature=0.7, quantization="4bit")
     store.sync()
     reread = QSettings(str(tmp_path / "settings.ini"), QSettings.IniFormat)
     settings = make_logic(store=reread).settings
     assert (settings.model, settings.device, settings.max_new_tokens, settings.temperature) == \
         ("/models/med3dvlm", "cpu", 128, 0.7)
+    assert settings.load_arguments() == {"model": "/models/med3dvlm", "device": "cpu", "dtype": "auto",
+                                         "quantization": "4bit"}
+    assert Settings().load_arguments()["quantization"] is None  # the default loads unquantized
     assert settings.generation() == {"max_new_tokens": 128, "do_sample": True, "temperature": 0.7}
     reread.setValue("Med3DVLM/device", "quantum")  # a bad hand-edited value falls back to the default
     assert make_logic(store=reread).settings.device == "auto"
     with pytest.raises(ValueError, match="device must be one of"):
         make_logic().update_settings(device="gpu0")
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        make_logic().update_settings(quantization="2bit")
 
 
 def test_node_from_volume_round_trip(scene):

@@ -19,7 +19,7 @@ from .qtcompat import (
     QHeaderView, QLabel, QPlainTextEdit, QProgressBar, QPushButton, QSpinBox, Qt, QTableWidget,
     QTableWidgetItem, QTextBrowser, QTextCursor, QVBoxLayout, QWidget, prop,
 )
-from .settings import DEVICES, PRECISIONS
+from .settings import DEVICES, PRECISIONS, QUANTIZATIONS
 from .transcript import Turn, now, transcript_markdown
 
 COLORS = {"user": "#1c71d8", "model": "#26a269", "error": "#c01c28"}
@@ -209,6 +209,11 @@ class ChatPanel(QWidget):
         self.dtype_combo = QComboBox()
         self.dtype_combo.addItems(list(PRECISIONS))
         form.addRow("Precision:", self.dtype_combo)
+        self.quantization_combo = QComboBox()
+        self.quantization_combo.addItems(list(QUANTIZATIONS))
+        self.quantization_combo.setToolTip("Store the language model in 8 or 4 bits (bitsandbytes): the 7B model "
+                                           "then fits a 16 GB GPU; slower on the CPU")
+        form.addRow("Quantization:", self.quantization_combo)
         self.tokens_spin = QSpinBox()
         self.tokens_spin.setRange(1, 8192)
         form.addRow("Max new tokens:", self.tokens_spin)
@@ -380,6 +385,7 @@ class ChatPanel(QWidget):
         return {"model": prop(self.model_edit, "currentText").strip(),
                 "device": DEVICES[prop(self.device_combo, "currentIndex")],
                 "dtype": PRECISIONS[prop(self.dtype_combo, "currentIndex")],
+                "quantization": QUANTIZATIONS[prop(self.quantization_combo, "currentIndex")],
                 "max_new_tokens": prop(self.tokens_spin, "value"),
                 "temperature": round(prop(self.temperature_spin, "value"), 2)}
 
@@ -387,5 +393,6 @@ class ChatPanel(QWidget):
         self.model_edit.setEditText(str(values["model"]))
         self.device_combo.setCurrentIndex(DEVICES.index(values["device"]))
         self.dtype_combo.setCurrentIndex(PRECISIONS.index(values["dtype"]))
+        self.quantization_combo.setCurrentIndex(QUANTIZATIONS.index(values["quantization"]))
         self.tokens_spin.setValue(int(values["max_new_tokens"]))
         self.temperature_spin.setValue(float(values["temperature"]))

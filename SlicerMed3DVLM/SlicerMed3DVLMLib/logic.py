@@ -62,7 +62,7 @@ class Status:
 def default_loader(settings: Settings):
     from med3dvlm.pipeline import load  # imports torch: only on the worker thread, on first use
 
-    return load(model=settings.model, device=settings.device, dtype=settings.dtype)
+    return load(**settings.load_arguments())
 
 
 def user_message(error: BaseException, kind: str, model: str) -> str:
@@ -77,10 +77,13 @@ def user_message(error: BaseException, kind: str, model: str) -> str:
 
 
 def _describe(pipeline, settings: Settings) -> str:
-    """'demo (cpu, float32)': the model in use, with the device and precision it really got."""
+    """'demo (cpu, float32)': the model in use, with the device and precision it really got
+    ('demo (cuda, bfloat16, LM 4bit)' with a quantized language model)."""
     device = getattr(pipeline, "device", settings.device)
     dtype = str(getattr(pipeline, "dtype", settings.dtype)).replace("torch.", "")
-    return f"{pipeline.model_name} ({device}, {dtype})"
+    quantization = getattr(pipeline, "quantization", None)
+    quantized = f", LM {quantization}" if quantization else ""
+    return f"{pipeline.model_name} ({device}, {dtype}{quantized})"
 
 
 class _Request:

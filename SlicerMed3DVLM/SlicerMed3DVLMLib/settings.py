@@ -1,4 +1,4 @@
-"""User settings (model, device, precision, generation limits) kept in application settings.
+"""User settings (model, device, precision, quantization, generation limits) kept in application settings.
 
 ``store`` is anything with ``value(key, default)`` and ``setValue(key, value)``: a QSettings in
 Slicer, a QSettings on a temporary file in tests.
@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 DEVICES = ("auto", "cuda", "cpu", "mps")
 PRECISIONS = ("auto", "float32", "float16", "bfloat16")
+QUANTIZATIONS = ("none", "8bit", "4bit")  # of the language model's decoder layers (bitsandbytes)
 PREFIX = "Med3DVLM/"
 
 
@@ -24,13 +25,19 @@ class Settings:
     model: str = "demo"  # "demo" or a model folder
     device: str = "auto"
     dtype: str = "auto"
+    quantization: str = "none"  # "8bit" / "4bit" fit the 7B model on a 16 GB GPU
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0 = greedy (deterministic)
 
     @property
-    def load_key(self) -> tuple[str, str, str]:
+    def load_key(self) -> tuple[str, str, str, str]:
         """What the loaded model depends on: a change reloads it."""
-        return (self.model, self.device, self.dtype)
+        return (self.model, self.device, self.dtype, self.quantization)
+
+    def load_arguments(self) -> dict[str, Any]:
+        """Keyword arguments for ``med3dvlm.load``."""
+        quantization = None if self.quantization == "none" else self.quantization
+        return {"model": self.model, "device": self.device, "dtype": self.dtype, "quantization": quantization}
 
     def generation(self) -> dict[str, Any]:
         """Keyword arguments for ``pipeline.report/ask``: temperature 0 means greedy decoding."""
@@ -57,6 +64,8 @@ def _coerce(name: str, value: Any) -> Any:
         raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {value!r}")
     if name == "dtype" and value not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {value!r}")
+    if name == "quantization" and value not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {value!r}")
     return value or "demo"
 
 

@@ -28,7 +28,7 @@ from .cancel import CancelToken
 from .checkpoints import SIGLIP_FOLDER, load_bundle, load_siglip
 from .detection import DetectionResult, Detector
 from .official import is_official_folder, load_official
-from .quantization import check_quantization
+from .quantization import check_quantization, quantization_of
 from .errors import Med3DVLMError, ModelError
 from .generation import ANSWER_SETTINGS, REPORT_SETTINGS, CallbackStreamer, GenerationSettings, stopping_criteria
 from .preprocess import PRESETS, PreprocessConfig, preprocess
@@ -139,6 +139,11 @@ class Pipeline:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    @property
+    def quantization(self) -> str | None:
+        """'4bit' / '8bit' when the language model's decoder is quantized, else None."""
+        return quantization_of(self.model)
 
     # ----- volumes and image tokens -------------------------------------------------------------
     def as_volume(self, volume: VolumeLike) -> Volume:

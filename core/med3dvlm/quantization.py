@@ -87,6 +87,12 @@ def quantize_loaded(model: nn.Module, replace: Callable[[nn.Linear], nn.Module])
             setattr(model.get_submodule(parent), leaf, replace(linear))
 
 
+def quantization_of(model: nn.Module) -> str | None:
+    """The mode ``model`` was loaded with, read from its layer classes (no bitsandbytes import)."""
+    kinds = {type(module).__name__ for module in model.modules()}
+    return "4bit" if "Linear4bit" in kinds else "8bit" if "Linear8bitLt" in kinds else None
+
+
 def quantizable_layers(model: nn.Module) -> list[str]:
     """Names of the float ``nn.Linear`` modules of the LM's decoder layers."""
     return [name for name, module in model.named_modules()
