@@ -30,9 +30,9 @@ class Settings:
     temperature: float = 0.0  # 0 = greedy (deterministic)
 
     @property
-    def load_key(self) -> tuple[str, str, str, str]:
+    def load_key(self) -> tuple:
         """What the loaded model depends on: a change reloads it."""
-        return (self.model, self.device, self.dtype, self.quantization)
+        return tuple(self.load_arguments().values())
 
     def load_arguments(self) -> dict[str, Any]:
         """Keyword arguments for ``med3dvlm.load``."""

@@ -28,7 +28,7 @@ from .cancel import CancelToken
 from .checkpoints import SIGLIP_FOLDER, load_bundle, load_siglip
 from .detection import DetectionResult, Detector
 from .official import is_official_folder, load_official
-from .quantization import check_quantization, quantization_of
+from .quantization import quantization_of
 from .errors import Med3DVLMError, ModelError
 from .generation import ANSWER_SETTINGS, REPORT_SETTINGS, CallbackStreamer, GenerationSettings, stopping_criteria
 from .preprocess import PRESETS, PreprocessConfig, preprocess
@@ -85,8 +85,6 @@ def load(model: str | os.PathLike = "demo", device: str = "auto", dtype: str | t
                          "config.json and *.safetensors.")
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
-    if quantization is not None:
-        check_quantization(quantization, torch_device)  # before anything is read
     with _friendly_oom("loading the model"):
         if is_official_folder(folder):
             vlm, tokenizer = load_official(folder, device=torch_device, dtype=torch_dtype, allow_pickle=allow_pickle,
