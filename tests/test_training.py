@@ -3,11 +3,15 @@
 import json
 
 import pytest
+import torch
 
 import med3dvlm
 from med3dvlm.cli import main
 from med3dvlm.data.m3d import write_dataset
+from med3dvlm.preprocess import DEMO, preprocess
+from med3dvlm.readers import read_volume
 from med3dvlm.train.demo import DemoRecipe, train_demo
+from med3dvlm.train.volumes import cached_pixels
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +33,27 @@ def test_tiny_demo_recipe_loss_falls_and_the_bundle_loads(tmp_path):
     assert isinstance(pipe.report((tmp_path / "work" / "phantoms-0" / "M3D_Cap_npy" / "ct_case" / "000001").glob("*.nii.gz").__next__(),
                                   max_new_tokens=8), str)
     assert json.loads((tmp_path / "model" / "recipe.json").read_text())["recipe"]["n_phantoms"] == 12
+
+
+def test_pixel_cache_survives_a_moved_work_folder_and_fills_only_what_it_lacks(phantom_data, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "phantoms").symlink_to(phantom_data)
+    images = sorted(str(p) for p in (work / "phantoms").rglob("*.nii.gz"))
+    cache = work / "pixels-demo.pt"
+    first = cached_pixels(cache, images[:3], DEMO, progress=False)
+    assert first[images[0]].dtype == torch.float16
+    assert torch.equal(first[images[0]].float(), preprocess(read_volume(images[0]), DEMO).half().float())
+    moved = tmp_path / "renamed"
+    work.rename(moved)
+    stamp = (moved / "pixels-demo.pt").stat().st_mtime_ns
+    again = cached_pixels(moved / "pixels-demo.pt", [p.replace(str(work), str(moved)) for p in images[:3]], DEMO,
+                          progress=False)
+    assert (moved / "pixels-demo.pt").stat().st_mtime_ns == stamp  # served from the cache, not recomputed
+    assert torch.equal(again[images[1].replace(str(work), str(moved))], first[images[1]])
+    grown = cached_pixels(moved / "pixels-demo.pt", [p.replace(str(work), str(moved)) for p in images[:5]], DEMO,
+                          progress=False)
+    assert len(grown) == 5 and len(torch.load(moved / "pixels-demo.pt", weights_only=True)) == 5
 
 
 def test_stage_commands_chain_siglip_projector_instruct(phantom_data, tmp_path, capsys):

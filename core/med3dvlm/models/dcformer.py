@@ -144,6 +144,8 @@ class DCFormerBlock(nn.Module):
 
 def _stem(in_ch: int, out_ch: int) -> nn.Sequential:
     # No activation between the stem's convolutions: the released model has none.
+    # Its first convolution has stride 4 and only axis-aligned 1D kernels, so it reads three lines
+    # through each output voxel: 10 of every 64 input voxels (a small lesion can fall between).
     convs = [DecomposedConv3d(in_ch, out_ch, STEM_KERNEL, stride=STEM_STRIDE)]
     convs += [DecomposedConv3d(out_ch, out_ch, STEM_INNER_KERNEL) for _ in range(STEM_DEPTH - 1)]
     return nn.Sequential(*convs)

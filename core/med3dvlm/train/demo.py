@@ -29,7 +29,7 @@ from ..tokenizer import train_tokenizer
 from .config import TrainConfig
 from .examples import caption_examples, vqa_examples
 from .stages import build_vlm, siglip_stage, vlm_stage
-from .volumes import encoder_features, load_pixels
+from .volumes import cached_pixels, encoder_features
 
 
 @dataclass
@@ -114,12 +114,8 @@ def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | N
     lap("phantoms")
     tokenizer = train_tokenizer([c.text for c in caps] + [f"{q.question} {' '.join(q.choices)} {q.answer}" for q in vqas],
                                 vocab_size=recipe.vocab_size)
-    cached = work / f"pixels-{recipe.preset}.pt"
-    if cached.is_file():
-        pixels = torch.load(cached, weights_only=True)
-    else:
-        pixels = load_pixels([c.image_path for c in caps], PRESETS[recipe.preset], progress=progress)
-        torch.save(pixels, cached)
+    pixels = cached_pixels(work / f"pixels-{recipe.preset}.pt", [str(c.image_path) for c in caps],
+                           PRESETS[recipe.preset], progress=progress)
     lap("tokenizer+preprocessing")
 
     vision = DCFormerConfig.preset("nano", input_size=PRESETS[recipe.preset].shape)

@@ -7,7 +7,9 @@ cached the same way for the VLM stages, where only the projector and the LM lear
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
@@ -23,6 +25,24 @@ def load_pixels(paths: Iterable[str], config: PreprocessConfig, progress: bool =
     unique = sorted(set(map(str, paths)))
     return {path: preprocess(read_volume(path), config).to(torch.float16)
             for path in tqdm(unique, desc="preprocessing volumes", disable=not progress, unit="vol")}
+
+
+def cached_pixels(cache: Path, paths: Iterable[str], config: PreprocessConfig,
+                  progress: bool = True) -> dict[str, torch.Tensor]:
+    """``load_pixels`` through a file cache; only volumes the cache lacks are preprocessed.
+
+    Keys are stored relative to the cache's folder, so a work folder that is moved, renamed or
+    named by another relative path (``runs/x`` vs ``./runs/x``) still finds its pixels.
+    """
+    cache = Path(cache)
+    here = os.path.abspath(cache.parent)
+    wanted = {str(p): Path(os.path.relpath(os.path.abspath(p), here)).as_posix() for p in paths}
+    stored = torch.load(cache, weights_only=True) if cache.is_file() else {}
+    missing = [path for path, key in wanted.items() if key not in stored]
+    if missing:
+        stored.update({wanted[path]: pixels for path, pixels in load_pixels(missing, config, progress).items()})
+        torch.save({key: stored[key] for key in wanted.values()}, cache)
+    return {path: stored[key] for path, key in wanted.items()}
 
 
 @torch.inference_mode()
