@@ -3,7 +3,8 @@
 Steps: write CT phantom datasets in the M3D layouts (two shards in parallel, one per core) ->
 train a BPE tokenizer on their text -> SigLIP pre-training of a DCFormer-nano image tower and a
 small BERT text tower, helped by a linear probe on the phantoms' ground-truth labels -> a VLM whose encoder is the SigLIP image tower (frozen) -> instruction
-tuning of projector + LM on reports and VQA. The LM is a small Qwen2 trained from scratch, so it
+tuning of projector + LM on reports (each also in a few more wordings, written from its labels)
+and VQA, with the image tokens kept centred (see ``vlm_stage``). The LM is a small Qwen2 trained from scratch, so it
 is trained fully together with the projector (a separate projector-only stage needs a pre-trained
 LM). Output: a model bundle with its retrieval towers in ``siglip/`` and the recipe that made it.
 """
@@ -16,12 +17,14 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import Qwen2Config
 
 from ..checkpoints import SIGLIP_FOLDER, save_bundle, save_siglip
-from ..data.lesions import ABNORMALITIES, ORGANS
-from ..data.m3d import CAP_JSON, read_cap, read_vqa, write_dataset
+from ..data.lesions import ABNORMALITIES, ORGANS, Finding
+from ..data.m3d import CAP_JSON, CapItem, read_cap, read_vqa, write_dataset
+from ..data.reports import write_report
 from ..models.dcformer import DCFormerConfig
 from ..models.text import TextConfig
 from ..preprocess import PRESETS
@@ -47,6 +50,8 @@ class DemoRecipe:
     lm_heads: int = 6
     lm_kv_heads: int = 2
     lm_context: int = 640
+    report_wordings: int = 3          # reports per training volume: the written one + rewordings
+    image_token_centering: float = 1.0
     low_output_size: tuple[int, int] = (16, 16)
     high_output_size: tuple[int, int] = (8, 16)
     siglip: dict = field(default_factory=lambda: {"epochs": 10, "batch_size": 16, "lr": 1e-3,
@@ -83,6 +88,35 @@ def finding_labels(roots: list[Path]) -> dict[str, torch.Tensor]:
             vector[len(pairs) + 1 + min(len(case["findings"]), 2)] = 1
             for image in case["images"]:
                 out[str(root / image)] = vector
+    return out
+
+
+@dataclass(frozen=True)
+class _CaseFacts:
+    """What ``write_report`` reads from a ground truth, rebuilt from a case of labels.json."""
+    modality: str
+    phase: str | None
+    findings: list[Finding]
+    organ_labels: dict[str, set[str]]
+
+
+def reworded_reports(roots: list[Path], copies: int, seed: int) -> list[CapItem]:
+    """``copies`` more reports per training volume: same facts, other wordings and orders.
+
+    A small LM trained from scratch sees each of the 1,000 reports only a few times; more
+    wordings teach it the report language without teaching it any fact the image does not show.
+    """
+    out = []
+    for root in roots:
+        for case in json.loads((root / "labels.json").read_text())["cases"]:
+            if case["split"] != "train":
+                continue
+            facts = _CaseFacts(case["modality"], case["phase"],
+                               [Finding(**{**f, "center_mm": tuple(f["center_mm"])}) for f in case["findings"]],
+                               {organ: set(kinds) for organ, kinds in case["organ_labels"].items()})
+            for copy in range(1, copies + 1):
+                text = write_report(facts, np.random.default_rng([seed, int(case["seed"]), copy]))
+                out += [CapItem(root / image, text) for image in case["images"]]
     return out
 
 
@@ -139,11 +173,12 @@ def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | N
                       low_output_size=recipe.low_output_size, high_output_size=recipe.high_output_size)
     model.vision_tower.load_state_dict(siglip.vision_encoder.state_dict())
     features = encoder_features(model.vision_tower, pixels, progress=progress)
-    examples = caption_examples(caps, model.config.num_image_tokens, recipe.seed) + \
+    reports = caps + reworded_reports(roots, recipe.report_wordings - 1, recipe.seed)
+    examples = caption_examples(reports, model.config.num_image_tokens, recipe.seed) + \
         vqa_examples(vqas, model.config.num_image_tokens)
     vlm_run = vlm_stage(model, features, examples, tokenizer,
                         TrainConfig(output_dir=str(work / "vlm"), seed=recipe.seed, progress=progress, **recipe.vlm),
-                        train_lm=True, max_length=recipe.lm_context)
+                        train_lm=True, max_length=recipe.lm_context, image_token_centering=recipe.image_token_centering)
     lap("vlm")
 
     model.eval()

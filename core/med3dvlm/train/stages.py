@@ -78,8 +78,16 @@ def build_vlm(tokenizer, vision: DCFormerConfig, lm: Qwen2Config, preprocess_pre
 
 
 def vlm_stage(model: Med3DVLM, features: dict, examples: Sequence[Example], tokenizer, config: TrainConfig,
-              *, train_lm: bool, lora_rank: int | None = None, max_length: int = 512) -> TrainResult:
-    """Trains the projector (and the LM when ``train_lm``) on cached encoder features."""
+              *, train_lm: bool, lora_rank: int | None = None, max_length: int = 512,
+              image_token_centering: float = 0.0) -> TrainResult:
+    """Trains the projector (and the LM when ``train_lm``) on cached encoder features.
+
+    ``image_token_centering`` weighs a penalty on the batch mean of the image tokens. An LM
+    trained from scratch otherwise turns the image tokens into a large constant prefix (a soft
+    prompt) on which the image shows only as a ~2 % ripple, and learns to ignore it; keeping
+    the tokens centred across images leaves only what differs between images. A pre-trained
+    LM does not need it (default 0).
+    """
     if lora_rank:
         _add_lora(model, lora_rank)
 
@@ -90,7 +98,10 @@ def vlm_stage(model: Med3DVLM, features: dict, examples: Sequence[Example], toke
 
     def loss_fn(m: Med3DVLM, batch: dict) -> torch.Tensor:
         image_tokens = m.mm_projector(batch.pop("low"), batch.pop("high"))
-        return m(image_tokens=image_tokens, **batch).loss
+        loss = m(image_tokens=image_tokens, **batch).loss
+        if image_token_centering and len(image_tokens) > 1:
+            loss = loss + image_token_centering * image_tokens.mean(0).square().mean()
+        return loss
 
     def collate(rows):
         feats, examples_ = zip(*rows[0])  # one pre-formed batch per item

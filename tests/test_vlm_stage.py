@@ -1,0 +1,76 @@
+"""The instruction-tuning stage on cached features: it must teach the LM to read the image tokens."""
+
+import pytest
+import torch
+from transformers import Qwen2Config
+
+from med3dvlm.data.m3d import write_dataset
+from med3dvlm.data.reports import mentioned_findings
+from med3dvlm.models.dcformer import DCFormerConfig
+from med3dvlm.prompts import vqa_prompt
+from med3dvlm.tokenizer import train_tokenizer
+from med3dvlm.train.config import TrainConfig
+from med3dvlm.train.demo import read_shards, reworded_reports
+from med3dvlm.train.examples import Example
+from med3dvlm.train.stages import build_vlm, vlm_stage
+
+QUESTION = "Which side is the lesion on?"
+
+
+def _features(side: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last two stages of a nano encoder on 16x32x32 (one token each): noise plus a side signal."""
+    low, high = torch.randn(1, 128, generator=generator), torch.randn(1, 256, generator=generator)
+    low[:, :16] += 2.0 * (1 if side else -1)
+    return low, high
+
+
+def test_centred_image_tokens_carry_the_answer(tmp_path):
+    torch.manual_seed(0)
+    tokenizer = train_tokenizer([f"{QUESTION} left right"] * 20, vocab_size=300)
+    vision = DCFormerConfig.preset("nano", (16, 32, 32))
+    lm = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                     tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = build_vlm(tokenizer, vision, lm, "demo", prompt_style="exact", low_output_size=(4, 4), high_output_size=(4, 4))
+    g = torch.Generator().manual_seed(1)
+    features = {f"v{i}": _features(i % 2, g) for i in range(64)}
+    prompt = vqa_prompt(model.config.num_image_tokens, QUESTION)
+    examples = [Example(key, prompt, "right" if i % 2 else "left") for i, key in enumerate(features)]
+    vlm_stage(model, features, examples, tokenizer,
+              TrainConfig(output_dir=str(tmp_path), epochs=60, batch_size=16, lr=3e-3, warmup_steps=5, progress=False),
+              train_lm=True, max_length=64, image_token_centering=1.0)
+
+    model.eval()
+    test = [_features(i % 2, g) for i in range(64)]
+    with torch.no_grad():
+        tokens = model.mm_projector(torch.stack([f[0] for f in test]), torch.stack([f[1] for f in test]))
+    # The shared part of the image tokens stays small next to what differs between images.
+    assert tokens.mean(0).norm(dim=-1).mean() < 0.5 * (tokens - tokens.mean(0)).norm(dim=-1).mean()
+    ids = tokenizer([prompt] * 8, return_tensors="pt")
+    out = model.generate(tokens[:8], ids["input_ids"], ids["attention_mask"], max_new_tokens=3, do_sample=False,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    answers = [a.strip() for a in tokenizer.batch_decode(out, skip_special_tokens=True)]
+    assert answers == ["left", "right"] * 4
+
+
+@pytest.fixture(scope="module")
+def phantom_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantoms")
+    write_dataset(root, 6, seed=515, modality="CT", splits=(1.0, 0.0, 0.0), progress=False)
+    return root
+
+
+def test_reworded_reports_state_the_same_findings_in_other_words(phantom_root):
+    written, _ = read_shards([phantom_root])
+    reworded = reworded_reports([phantom_root], copies=2, seed=0)
+    assert len(reworded) == 2 * len(written)
+    by_image = {}
+    for item in reworded:
+        by_image.setdefault(item.image_path, []).append(item.text)
+    for item in written:
+        texts = by_image[item.image_path]
+        assert all(mentioned_findings(t) == mentioned_findings(item.text) for t in texts)
+        phase = "portal venous" if "portal venous" in item.text.lower() else "non-contrast"
+        assert all(phase in t.lower() for t in texts)
+    assert sum(t != item.text for item in written for t in by_image[item.image_path]) >= len(written)
+    assert [r.text for r in reworded_reports([phantom_root], copies=2, seed=0)] == [r.text for r in reworded]
