@@ -2,9 +2,10 @@
 
 Steps: write CT phantom datasets in the M3D layouts (two shards in parallel, one per core) ->
 train a BPE tokenizer on their text -> SigLIP pre-training of a DCFormer-nano image tower and a
-small BERT text tower, helped by a linear probe on the phantoms' ground-truth labels -> a VLM whose encoder is the SigLIP image tower (frozen) -> instruction
-tuning of projector + LM on reports (each also in a few more wordings, written from its labels)
-and VQA, with the image tokens kept centred (see ``vlm_stage``). The LM is a small Qwen2 trained from scratch, so it
+small BERT text tower, helped by a linear probe on the phantoms' ground-truth labels -> a VLM
+whose encoder is the SigLIP image tower (frozen) -> instruction tuning of projector + LM on
+reports (each also in a few more wordings, written from its labels) and VQA, with the image
+tokens kept centred (see ``vlm_stage``). The LM is a small Qwen2 trained from scratch, so it
 is trained fully together with the projector (a separate projector-only stage needs a pre-trained
 LM). Output: a model bundle with its retrieval towers in ``siglip/`` and the recipe that made it.
 """
@@ -94,6 +95,7 @@ def finding_labels(roots: list[Path]) -> dict[str, torch.Tensor]:
 @dataclass(frozen=True)
 class _CaseFacts:
     """What ``write_report`` reads from a ground truth, rebuilt from a case of labels.json."""
+
     modality: str
     phase: str | None
     findings: list[Finding]

@@ -85,8 +85,8 @@ def vlm_stage(model: Med3DVLM, features: dict, examples: Sequence[Example], toke
     ``image_token_centering`` weighs a penalty on the batch mean of the image tokens. An LM
     trained from scratch otherwise turns the image tokens into a large constant prefix (a soft
     prompt) on which the image shows only as a ~2 % ripple, and learns to ignore it; keeping
-    the tokens centred across images leaves only what differs between images. A pre-trained
-    LM does not need it (default 0).
+    the tokens centred across images leaves only what differs between images. Off by default:
+    the official recipe, which starts from a pre-trained LM, has no such term.
     """
     if lora_rank:
         _add_lora(model, lora_rank)
