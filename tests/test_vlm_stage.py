@@ -21,7 +21,8 @@ def _features(side: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Last two stages of a nano encoder on 16x32x32 (one token each): noise plus a side signal.
 
     The signal is strong (32 of 128 channels shifted by 2 SD) so that the outcome does not hang on
-    the CPU thread count's rounding."""
+    the CPU thread count's rounding.
+    """
     low, high = torch.randn(1, 128, generator=generator), torch.randn(1, 256, generator=generator)
     low[:, :32] += 2.0 * (1 if side else -1)
     return low, high
