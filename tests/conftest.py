@@ -1,4 +1,5 @@
-"""Shared test setup: Qt runs offscreen, and the Slicer module's code is importable."""
+"""Shared test setup: Qt runs offscreen, the Slicer module's code is importable, and a small
+CT phantom dataset in the M3D layouts is written once per session (tests only read it)."""
 
 import os
 import sys
@@ -7,12 +8,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from med3dvlm.data.m3d import write_dataset
+
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # before anything imports Qt
 
 ROOT = Path(__file__).resolve().parents[1]
 for path in (ROOT / "SlicerMed3DVLM",):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
+
+
+@pytest.fixture(scope="session")
+def ct_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ct-dataset")
+    write_dataset(root, 8, seed=4242, modality="CT", splits=(1.0, 0.0, 0.0), progress=False)
+    return root
 
 
 @pytest.fixture

@@ -2,23 +2,14 @@
 
 import json
 
-import pytest
 import torch
 
 import med3dvlm
 from med3dvlm.cli import main
-from med3dvlm.data.m3d import write_dataset
 from med3dvlm.preprocess import DEMO, preprocess
 from med3dvlm.readers import read_volume
 from med3dvlm.train.demo import DemoRecipe, train_demo
 from med3dvlm.train.volumes import cached_pixels
-
-
-@pytest.fixture(scope="module")
-def phantom_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phantoms")
-    write_dataset(root, 8, seed=4242, modality="CT", splits=(1.0, 0.0, 0.0), progress=False)
-    return root
 
 
 def test_tiny_demo_recipe_loss_falls_and_the_bundle_loads(tmp_path):
@@ -35,10 +26,10 @@ def test_tiny_demo_recipe_loss_falls_and_the_bundle_loads(tmp_path):
     assert json.loads((tmp_path / "model" / "recipe.json").read_text())["recipe"]["n_phantoms"] == 12
 
 
-def test_pixel_cache_survives_a_moved_work_folder_and_fills_only_what_it_lacks(phantom_data, tmp_path):
+def test_pixel_cache_survives_a_moved_work_folder_and_fills_only_what_it_lacks(ct_dataset, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
-    (work / "phantoms").symlink_to(phantom_data)
+    (work / "phantoms").symlink_to(ct_dataset)
     images = sorted(str(p) for p in (work / "phantoms").rglob("*.nii.gz"))
     cache = work / "pixels-demo.pt"
     first = cached_pixels(cache, images[:3], DEMO, progress=False)
@@ -56,12 +47,12 @@ def test_pixel_cache_survives_a_moved_work_folder_and_fills_only_what_it_lacks(p
     assert len(grown) == 5 and len(torch.load(moved / "pixels-demo.pt", weights_only=True)) == 5
 
 
-def test_stage_commands_chain_siglip_projector_instruct(phantom_data, tmp_path, capsys):
+def test_stage_commands_chain_siglip_projector_instruct(ct_dataset, tmp_path, capsys):
     siglip, projector, instruct = (str(tmp_path / name) for name in ("siglip", "projector", "instruct"))
     common = ["max_steps=2", "batch_size=4", "progress=false"]
-    assert main(["train", "siglip", "--data", str(phantom_data), "--out", siglip, "--embed-dim", "32", *common]) == 0
-    assert main(["train", "projector", "--data", str(phantom_data), "--siglip", siglip, "--out", projector, *common]) == 0
-    assert main(["train", "instruct", "--data", str(phantom_data), "--model", projector, "--out", instruct,
+    assert main(["train", "siglip", "--data", str(ct_dataset), "--out", siglip, "--embed-dim", "32", *common]) == 0
+    assert main(["train", "projector", "--data", str(ct_dataset), "--siglip", siglip, "--out", projector, *common]) == 0
+    assert main(["train", "instruct", "--data", str(ct_dataset), "--model", projector, "--out", instruct,
                  "--lora-rank", "4", *common]) == 0
     run = json.loads((tmp_path / "instruct" / "run" / "run_config.json").read_text())
     assert run["max_steps"] == 2

@@ -1,10 +1,8 @@
 """The instruction-tuning stage on cached features: it must teach the LM to read the image tokens."""
 
-import pytest
 import torch
 from transformers import Qwen2Config
 
-from med3dvlm.data.m3d import write_dataset
 from med3dvlm.data.reports import mentioned_findings
 from med3dvlm.models.dcformer import DCFormerConfig
 from med3dvlm.prompts import vqa_prompt
@@ -57,16 +55,9 @@ def test_centred_image_tokens_carry_the_answer(tmp_path):
     assert answers == ["left", "right"] * 4
 
 
-@pytest.fixture(scope="module")
-def phantom_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phantoms")
-    write_dataset(root, 6, seed=515, modality="CT", splits=(1.0, 0.0, 0.0), progress=False)
-    return root
-
-
-def test_reworded_reports_state_the_same_findings_in_other_words(phantom_root):
-    written, _ = read_shards([phantom_root])
-    reworded = reworded_reports([phantom_root], copies=2, seed=0)
+def test_reworded_reports_state_the_same_findings_in_other_words(ct_dataset):
+    written, _ = read_shards([ct_dataset])
+    reworded = reworded_reports([ct_dataset], copies=2, seed=0)
     assert len(reworded) == 2 * len(written)
     by_image = {}
     for item in reworded:
@@ -77,4 +68,4 @@ def test_reworded_reports_state_the_same_findings_in_other_words(phantom_root):
         phase = "portal venous" if "portal venous" in item.text.lower() else "non-contrast"
         assert all(phase in t.lower() for t in texts)
     assert sum(t != item.text for item in written for t in by_image[item.image_path]) >= len(written)
-    assert [r.text for r in reworded_reports([phantom_root], copies=2, seed=0)] == [r.text for r in reworded]
+    assert [r.text for r in reworded_reports([ct_dataset], copies=2, seed=0)] == [r.text for r in reworded]
