@@ -3,6 +3,7 @@
     >>> import med3dvlm
     >>> pipe = med3dvlm.load("demo")
     >>> pipe.report("resources/samples/ct_phantom.nii.gz")
+    >>> remote = med3dvlm.connect("http://gpu-box:8000", token="...")  # the same methods, on a server
 
 Heavy modules (torch, transformers) load on first use of ``load``.
 """
@@ -13,7 +14,7 @@ from .volume import Volume
 
 __version__ = "0.1.0"
 __all__ = ["CancelToken", "Med3DVLMError", "ModelError", "Volume", "VolumeError",
-           "load", "read_volume"]
+           "connect", "load", "read_volume"]
 
 
 def load(model="demo", device="auto", dtype="auto", **kwargs):
@@ -21,6 +22,14 @@ def load(model="demo", device="auto", dtype="auto", **kwargs):
     from .pipeline import load as _load
 
     return _load(model, device=device, dtype=dtype, **kwargs)
+
+
+def connect(url, token=None, ca_file=None):
+    """A client of a ``med3dvlm serve`` model server with the pipeline's methods (report, ask,
+    stream_ask, detect, retrieve); ``token`` defaults to $MED3DVLM_TOKEN."""
+    from .client.remote import connect as _connect
+
+    return _connect(url, token, ca_file)
 
 
 def read_volume(path, **kwargs) -> Volume:

@@ -12,13 +12,12 @@ thresholds, preprocessing), ``model.safetensors`` and the tokenizer files.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
-
 import torch
 
 from .checkpoints import WEIGHTS_NAME, load_weights, read_config, save_weights, write_config
+from .detection_result import DetectionResult, LabelScore
 from .errors import ModelError, VolumeError
 from .modality import guess_modality
 from .models.medmap import MedMAPConfig, MedMAPModel
@@ -34,62 +33,6 @@ StudyLike = Volume | Mapping[str, Volume] | Sequence[Volume]
 def detector_preprocess(input_size: Sequence[int]) -> PreprocessConfig:
     """The preprocessing a detector of this input size trains and runs with."""
     return PreprocessConfig(shape=tuple(int(s) for s in input_size))
-
-
-@dataclass(frozen=True)
-class LabelScore:
-    organ: str
-    kind: str
-    probability: float
-    threshold: float
-
-    @property
-    def positive(self) -> bool:
-        return self.probability >= self.threshold
-
-    @property
-    def label(self) -> str:
-        return f"{self.kind} in the {self.organ}"
-
-
-@dataclass
-class DetectionResult:
-    """Scores sorted by probability (highest first), the sequences used and their fusion weights."""
-
-    scores: list[LabelScore]
-    sequences: tuple[str, ...]
-    sequence_weights: dict[str, float]          # mean fusion weight of each sequence (sums to 1)
-    sources: dict[str, str] = field(default_factory=dict)  # sequence -> volume name
-    modality: str = "MR"
-
-    @property
-    def findings(self) -> list[LabelScore]:
-        """The labels at or above their threshold."""
-        return [s for s in self.scores if s.positive]
-
-    def probability(self, organ: str, kind: str) -> float:
-        for score in self.scores:
-            if (score.organ, score.kind) == (organ, kind):
-                return score.probability
-        raise KeyError(f"No label ({organ!r}, {kind!r}) in this result.")
-
-    def rows(self) -> list[dict[str, Any]]:
-        """One row per label for a table view: organ, kind, probability, threshold, positive."""
-        return [{**asdict(s), "positive": s.positive} for s in self.scores]
-
-    # Mapping view {label: probability}, highest first: what the Slicer logic stores and shows.
-    def keys(self) -> list[str]:
-        return [s.label for s in self.scores]
-
-    def __getitem__(self, label: str) -> float:
-        for score in self.scores:
-            if score.label == label:
-                return score.probability
-        raise KeyError(label)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"modality": self.modality, "sequences": list(self.sequences), "sources": self.sources,
-                "sequence_weights": self.sequence_weights, "scores": self.rows()}
 
 
 def as_study(volume_or_study: StudyLike, sequences: Sequence[str]) -> dict[str, Volume]:

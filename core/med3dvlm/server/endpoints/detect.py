@@ -1,0 +1,32 @@
+"""POST /detect: MRI abnormality scores (MedMAP) for one volume or a multi-sequence study."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from pydantic import BaseModel, Field
+
+from ..auth import require_token
+from .common import stored_volume, stream_job
+
+router = APIRouter(dependencies=[Depends(require_token)])
+
+
+class DetectRequest(BaseModel):
+    volumes: list[str] = Field(min_length=1, max_length=12, description="digests of the study's volumes")
+    sequences: list[str] | None = Field(None, description="each volume's MRI sequence, in order (else guessed)")
+
+
+@router.post("/detect")
+async def detect(body: DetectRequest, request: Request):
+    volumes = [stored_volume(request, digest) for digest in body.volumes]
+    if body.sequences is not None and len(body.sequences) != len(volumes):
+        raise HTTPException(422, f"{len(body.sequences)} sequences were named for {len(volumes)} volumes; "
+                                 "name one per volume, in the same order.")
+    study = dict(zip(body.sequences, volumes)) if body.sequences else volumes
+    if len(volumes) == 1 and not body.sequences:
+        study = volumes[0]
+
+    def work(pipeline, job):
+        job.emit("status", stage="generating")
+        return {"detection": pipeline.detect(study).to_dict()}
+    return stream_job(request, "detect", work)

@@ -1,0 +1,65 @@
+"""POST /report and POST /ask: streamed text about an uploaded volume."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, Field
+
+from ... import prompts
+from ..auth import require_token
+from .common import Digest, Generation, stored_volume, stream_job
+
+router = APIRouter(dependencies=[Depends(require_token)])
+Text = Field(min_length=1, max_length=4000)
+
+
+class ReportRequest(BaseModel):
+    volume: str = Digest
+    instruction: str = Field(prompts.REPORT_PROMPT, min_length=1, max_length=4000)
+    generation: Generation = Generation()
+
+
+class AskRequest(BaseModel):
+    volume: str = Digest
+    question: str = Text
+    history: list[tuple[str, str]] = Field([], max_length=64)
+    choices: list[str] | None = Field(None, min_length=2, max_length=len(prompts.LETTERS))
+    generation: Generation = Generation()
+
+
+def _start(pipeline, job, volume):
+    """Encode (cached per volume) with progress, then a callback that streams each token."""
+    job.emit("status", stage="encoding")
+    pipeline.encode(volume)
+    job.emit("status", stage="generating")
+    count = 0
+
+    def on_token(piece: str) -> None:
+        nonlocal count
+        count += 1
+        job.emit("token", text=piece, n=count)
+    return on_token
+
+
+@router.post("/report")
+async def report(body: ReportRequest, request: Request):
+    volume = stored_volume(request, body.volume)
+
+    def work(pipeline, job):
+        on_token = _start(pipeline, job, volume)
+        text = pipeline.report(volume, instruction=body.instruction, on_token=on_token, cancel=job.cancel,
+                               **body.generation.kwargs())
+        return {"text": text}
+    return stream_job(request, "report", work)
+
+
+@router.post("/ask")
+async def ask(body: AskRequest, request: Request):
+    volume = stored_volume(request, body.volume)
+
+    def work(pipeline, job):
+        on_token = _start(pipeline, job, volume)
+        text = pipeline.ask(volume, body.question, history=body.history, choices=body.choices, on_token=on_token,
+                            cancel=job.cancel, **body.generation.kwargs())
+        return {"text": text}
+    return stream_job(request, "ask", work)

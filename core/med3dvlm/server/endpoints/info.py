@@ -1,0 +1,31 @@
+"""GET /health (no token: for load balancers) and GET /info: the model, its state and the limits."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+
+from ... import __version__
+from ..auth import require_token
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/info", dependencies=[Depends(require_token)])
+async def info(request: Request) -> dict:
+    jobs, config = request.app.state.jobs, request.app.state.config
+    pipeline = jobs.pipeline
+    answer = {"version": __version__, "state": jobs.state, "error": jobs.load_error,
+              "model": request.app.state.model_label, "busy": jobs.busy, "waiting": jobs.waiting,
+              "limits": {"max_volume_bytes": config.max_volume_bytes, "max_request_bytes": config.max_request_bytes,
+                         "server_paths": config.allowed_folder is not None}}
+    if pipeline is not None:
+        answer.update(model=pipeline.model_name, device=str(pipeline.device),
+                      dtype=str(pipeline.dtype).replace("torch.", ""), quantization=pipeline.quantization,
+                      capabilities=["report", "ask"] + ["retrieve"] * (pipeline.retrieval is not None)
+                      + ["detect"] * (pipeline.detector is not None))
+    return answer

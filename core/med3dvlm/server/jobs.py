@@ -1,0 +1,143 @@
+"""The job queue: one model, one job at a time (a GPU runs one generation at a time), the others
+wait in line and are told their place.
+
+The model is loaded by the same thread before the first job, so requests that arrive while it
+loads wait in line and see a ``loading`` status. A job's events cross from that thread to the
+asyncio loop of its HTTP response through ``call_soon_threadsafe``; cancelling (Stop, the client
+disconnecting, or ``POST /jobs/{id}/cancel``) sets the job's CancelToken, which generation checks
+at every token, and a job cancelled while waiting never runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from ..cancel import CancelToken
+from ..errors import Med3DVLMError
+
+log = logging.getLogger("med3dvlm.server")
+Work = Callable[[Any, "Job"], dict]  # (pipeline, job) -> result fields of the "done" event
+
+
+class QueueFull(Med3DVLMError):
+    """More jobs wait than the server accepts (HTTP 503)."""
+
+
+class Job:
+    def __init__(self, kind: str, work: Work) -> None:
+        self.id = uuid.uuid4().hex
+        self.kind = kind
+        self.work = work
+        self.cancel = CancelToken()
+        self.events: asyncio.Queue[dict] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+
+    def emit(self, event: str, **fields: Any) -> None:
+        """Thread-safe: queue an event for this job's response stream."""
+        self._loop.call_soon_threadsafe(self.events.put_nowait, {"event": event, **fields})
+
+
+class JobQueue:
+    def __init__(self, load: Callable[[], Any], max_waiting: int = 32) -> None:
+        self.max_waiting = max_waiting
+        self.pipeline = None
+        self.state = "loading"  # -> "ready" or "failed"
+        self.load_error: str | None = None
+        self._load = load
+        self._waiting: deque[Job] = deque()
+        self._running: Job | None = None
+        self._jobs: dict[str, Job] = {}
+        self._closed = False
+        self._wake = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="med3dvlm-jobs", daemon=True)
+        self._thread.start()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def busy(self) -> bool:
+        return self._running is not None
+
+    def submit(self, job: Job) -> None:
+        with self._wake:
+            if len(self._waiting) >= self.max_waiting:
+                raise QueueFull(f"The server has {len(self._waiting)} requests waiting already; try again later.")
+            self._waiting.append(job)
+            self._jobs[job.id] = job
+            job.emit("queued", id=job.id, position=len(self._waiting) - 1 + (self._running is not None))
+            if self.state == "loading":
+                job.emit("status", stage="loading")
+            self._wake.notify()
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a running or waiting job; False when no such job is known (already finished)."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            return False
+        job.cancel.cancel()
+        return True
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._wake:
+            self._closed = True
+            for job in [self._running, *self._waiting]:
+                if job is not None:
+                    job.cancel.cancel()
+            self._wake.notify()
+        self._thread.join(timeout)
+
+    def _next(self) -> Job | None:
+        with self._wake:
+            while not self._waiting and not self._closed:
+                self._wake.wait()
+            if self._closed:
+                return None
+            self._running = self._waiting.popleft()
+            for place, job in enumerate(self._waiting):  # everyone behind moves up one place
+                job.emit("queued", id=job.id, position=place + 1)
+            return self._running
+
+    def _run(self) -> None:
+        try:
+            self.pipeline = self._load()
+            self.state = "ready"
+        except Exception as error:  # the server stays up and says why in every answer
+            self.state = "failed"
+            self.load_error = str(error) if isinstance(error, Med3DVLMError) else (
+                f"The model could not be loaded ({type(error).__name__}: {error}); see the server log.")
+            log.exception("loading the model failed")
+        while (job := self._next()) is not None:
+            try:
+                self._execute(job)
+            finally:
+                with self._wake:
+                    self._running = None
+                    self._jobs.pop(job.id, None)
+
+    def _execute(self, job: Job) -> None:
+        if self.state == "failed":
+            job.emit("error", message=self.load_error)
+            return
+        if job.cancel.cancelled:  # left the line before its turn
+            job.emit("done", stopped=True)
+            return
+        try:
+            result = job.work(self.pipeline, job)
+        except Med3DVLMError as error:
+            job.emit("error", message=str(error))
+        except MemoryError:
+            job.emit("error", message="The server ran out of memory for this request; try a smaller volume.")
+        except Exception as error:  # the traceback goes to the server log; no request content is logged
+            log.exception("%s job failed", job.kind)
+            job.emit("error", message=f"The server failed unexpectedly ({type(error).__name__}); "
+                                      "the details are in the server's log.")
+        else:
+            job.emit("done", stopped=job.cancel.cancelled, **result)

@@ -1,0 +1,68 @@
+"""Uploaded volumes, kept by content digest so that follow-up requests send only the digest."""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from collections import OrderedDict
+
+from ..validation import validate_volume
+from ..volume import Volume
+from .protocol import volume_digest, volume_from_bytes, voxel_bytes
+
+
+class UploadError(ValueError):
+    """An upload that does not decode to the volume its header and digest describe (HTTP 400)."""
+
+
+def decode_upload(digest: str, header: dict, body: bytes, encoding: str) -> Volume:
+    """The volume of an upload, checked against its header and digest and validated as a model
+    input (UploadError, VolumeError). Decompression stops at the size the header announces, so a
+    small compressed body cannot expand into more memory than the volume itself."""
+    expected = voxel_bytes(header)
+    if encoding == "deflate":
+        inflater = zlib.decompressobj()
+        try:
+            data = inflater.decompress(body, expected)
+        except zlib.error:
+            raise UploadError("The volume's voxels are not valid deflate data; the upload was corrupted.") from None
+        if inflater.unconsumed_tail or inflater.unused_data or not inflater.eof:
+            raise UploadError(f"The upload holds more or fewer voxel bytes than its header's "
+                              f"{' x '.join(map(str, header['shape']))} {header['dtype']} volume.")
+    else:
+        data = body
+    if len(data) != expected:
+        raise UploadError(f"The upload holds {len(data)} voxel bytes, but its header describes {expected}.")
+    volume = volume_from_bytes(header, data)
+    if volume_digest(volume) != digest:
+        raise UploadError("The volume's content does not match its digest; the upload was corrupted.")
+    volume.source = f"volume {digest[:8]}"  # names it in messages without any patient data
+    validate_volume(volume)  # VolumeError: 2D, constant, NaN... refused at once, not at the first question
+    return volume
+
+
+class VolumeStore:
+    """Least recently used volumes beyond ``max_bytes`` are dropped (their clients upload again)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._volumes: OrderedDict[str, Volume] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, digest: str, volume: Volume) -> None:
+        with self._lock:
+            self._volumes[digest] = volume
+            self._volumes.move_to_end(digest)
+            while len(self._volumes) > 1 and sum(v.array.nbytes for v in self._volumes.values()) > self.max_bytes:
+                self._volumes.popitem(last=False)
+
+    def get(self, digest: str) -> Volume | None:
+        with self._lock:
+            volume = self._volumes.get(digest)
+            if volume is not None:
+                self._volumes.move_to_end(digest)
+            return volume
+
+    def __len__(self) -> int:
+        return len(self._volumes)
+
