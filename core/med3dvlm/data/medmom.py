@@ -133,19 +133,83 @@ def write_medmom(root: str | Path, studies: Iterable[tuple[str, str, Mapping[str
     return table
 
 
+def phantom_mr_study(seed: int, sequences: Sequence[str], shape=None, findings: Sequence[int] | None = None):
+    """``make_mr_study`` with ``findings`` (e.g. (2, 3, 4)) findings per study, cycling over seeds;
+    None keeps the phantoms' own 0-2. Fewer when the anatomy has no room for that many."""
+    from .phantoms import make_mr_study
+
+    if not findings:
+        return make_mr_study(seed, tuple(sequences), shape=shape)
+    n = findings[seed % len(findings)]
+    while True:
+        try:
+            return make_mr_study(seed, tuple(sequences), shape=shape, n_findings=n)
+        except RuntimeError:
+            n -= 1
+
+
 def write_phantom_medmom(root: str | Path, seeds: Mapping[str, Sequence[int]],
-                         sequences: Sequence[str] = MR_SEQUENCES, shape=None) -> Path:
-    """A MedMoM dataset of synthetic MRI studies: ``seeds`` maps each split to phantom seeds."""
+                         sequences: Sequence[str] = MR_SEQUENCES, shape=None,
+                         labels: Sequence[tuple[str, str]] = PHANTOM_LABELS,
+                         findings: Mapping[str, Sequence[int]] | None = None) -> Path:
+    """A MedMoM dataset of synthetic MRI studies: ``seeds`` maps each split to phantom seeds.
+
+    ``labels`` chooses the label columns; ``findings`` maps a split to findings per study
+    (see ``phantom_mr_study``), e.g. more positives in training than in the test split.
+    """
     import numpy as np
 
-    from .phantoms import make_mr_study
     from .reports import write_report
 
     def studies():
         for split, split_seeds in seeds.items():
             for seed in split_seeds:
-                study = make_mr_study(seed, sequences, shape=shape)
+                study = phantom_mr_study(seed, sequences, shape, (findings or {}).get(split))
                 report = write_report(study.truth, np.random.default_rng(seed))
                 yield f"mr{seed:06d}", split, study.volumes, report, {pair: 1 for pair in study.truth.pairs}
 
-    return write_medmom(root, studies(), PHANTOM_LABELS)
+    return write_medmom(root, studies(), labels)
+
+
+def table_labels(studies: Sequence[MedMoMStudy]) -> tuple[tuple[str, str], ...]:
+    """The label columns of a table, in column order."""
+    return tuple(studies[0].labels)
+
+
+def table_sequences(studies: Sequence[MedMoMStudy]) -> tuple[str, ...]:
+    """The sequences any study holds, in ``MR_SEQUENCES`` order."""
+    present = {seq for study in studies for seq in study.volumes}
+    return tuple(s for s in MR_SEQUENCES if s in present)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m med3dvlm.data.medmom",
+                                     description="Write MRI phantoms as a MedMoM-layout dataset.")
+    parser.add_argument("root")
+    parser.add_argument("--train", type=int, default=48, help="training studies (default: 48)")
+    parser.add_argument("--validation", type=int, default=16, help="validation studies (default: 16)")
+    parser.add_argument("--test", type=int, default=16, help="test studies (default: 16)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sequences", nargs="+", default=list(MR_SEQUENCES), choices=MR_SEQUENCES)
+    parser.add_argument("--shape", type=int, nargs=3, default=None, help="phantom grid (default: full size)")
+    parser.add_argument("--labels", nargs="+", help="label columns as organ/kind (default: all 23)")
+    parser.add_argument("--findings", type=int, nargs="+", help="findings per study, cycled (default: 0-2)")
+    args = parser.parse_args(argv)
+    counts = {"train": args.train, "validation": args.validation, "test": args.test}
+    start = args.seed * 1_000_000
+    seeds, offset = {}, start
+    for split, n in counts.items():
+        seeds[split], offset = range(offset, offset + n), offset + n
+    labels = [tuple(name.split("/", 1)) for name in args.labels] if args.labels else PHANTOM_LABELS
+    unknown = [label_column(pair) for pair in labels if pair not in PHANTOM_LABELS]
+    if unknown:
+        parser.error(f"the phantoms hold no {unknown}; choose from {', '.join(map(label_column, PHANTOM_LABELS))}")
+    findings = {split: args.findings for split in counts} if args.findings else None
+    table = write_phantom_medmom(args.root, seeds, args.sequences, args.shape, labels, findings)
+    print(f"wrote {sum(counts.values())} MRI phantom studies to {table}")
+
+
+if __name__ == "__main__":
+    main()

@@ -5,6 +5,7 @@ writes a folder the next stage (or the pipeline) loads.
     med3dvlm train projector --data ROOT --siglip runs/siglip --out runs/projector [--lm QWEN2_FOLDER]
     med3dvlm train instruct  --data ROOT --model runs/projector --out runs/instruct [--lora-rank 16]
     med3dvlm train demo      --out resources/models/demo
+    med3dvlm train medmap    --data MEDMOM_ROOT --out runs/medmap [pretrain.epochs=4 finetune.epochs=20]
 
 Training options come from ``--config run.yaml`` and/or ``key=value`` overrides (see TrainConfig).
 Under ``torchrun --nproc_per_node N -m med3dvlm.cli train ...`` each stage runs with DDP.
@@ -28,18 +29,23 @@ from .stages import build_vlm, siglip_stage, vlm_stage
 from .config import TrainConfig, parse_overrides
 from .volumes import encoder_features, load_pixels
 
+MEDMAP_STAGES = ("pretrain", "finetune")
 STAGE_DEFAULTS = {
     "siglip": {"epochs": 10, "batch_size": 16, "lr": 1e-4, "weight_decay": 0.1, "warmup_steps": 100},
     "projector": {"epochs": 2, "batch_size": 16, "lr": 1e-3},
     "instruct": {"epochs": 3, "batch_size": 8, "lr": 5e-5},
+    # MedMAP's two stages: the demo detector's recipe (train.medmap.train_medmap_demo)
+    "medmap.pretrain": {"epochs": 2, "batch_size": 16, "lr": 2e-3, "weight_decay": 0.01, "warmup_steps": 5},
+    "medmap.finetune": {"epochs": 8, "batch_size": 16, "lr": 2e-3, "weight_decay": 0.01, "warmup_steps": 5},
 }
 
 
-def _train_config(args, stage: str) -> TrainConfig:
+def _train_config(args, stage: str, overrides=None) -> TrainConfig:
     out = str(Path(args.out) / "run")
+    overrides = args.overrides if overrides is None else overrides
     if args.config:
-        return TrainConfig.from_file(args.config, [f"output_dir={out}", *args.overrides])
-    return TrainConfig.from_dict({**STAGE_DEFAULTS[stage], "output_dir": out, **parse_overrides(args.overrides)})
+        return TrainConfig.from_file(args.config, [f"output_dir={out}", *overrides])
+    return TrainConfig.from_dict({**STAGE_DEFAULTS[stage], "output_dir": out, **parse_overrides(overrides)})
 
 
 def _captions(root: Path):
@@ -136,8 +142,40 @@ def cmd_demo(args) -> None:
           f"evaluate it with: med3dvlm evaluate --model {args.out}")
 
 
+def _medmap_configs(args) -> dict[str, TrainConfig]:
+    """One TrainConfig per MedMAP stage: ``key=value`` applies to both, ``pretrain.key=value`` to one."""
+    shared = [o for o in args.overrides if not o.startswith(tuple(f"{s}." for s in MEDMAP_STAGES))]
+    return {stage: _train_config(args, f"medmap.{stage}",
+                                 shared + [o.split(".", 1)[1] for o in args.overrides if o.startswith(f"{stage}.")])
+            for stage in MEDMAP_STAGES}
+
+
+def cmd_medmap(args) -> None:
+    import torch
+
+    from .medmap_run import train_medmap
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    configs = _medmap_configs(args)
+    resume = bool(configs["pretrain"].resume or configs["finetune"].resume)
+    architecture = {"input_size": tuple(args.input_size), "backbone": args.backbone, "dcformer_variant": args.variant,
+                    "embed_dim": args.embed_dim,
+                    "text": TextConfig("bert", {"vocab_size": 1, "hidden_size": args.text_width,
+                                                "num_hidden_layers": args.text_layers, "num_attention_heads": 4,
+                                                "intermediate_size": 4 * args.text_width,
+                                                "max_position_embeddings": 160}, "mean")}
+    summary = train_medmap(args.data, args.out, configs, architecture=architecture, vocab_size=args.vocab_size,
+                           full_study_p=args.full_study_p, resume=resume)
+    if summary is not None:
+        study = summary["subsets"]["study"]["labels"]["macro"]
+        print(f"MedMAP detector written to {args.out} (thresholds from {summary['thresholds_from']}: "
+              f"macro AUC {study['auc']}, macro F1 {study['f1']}); evaluate it with: "
+              f"med3dvlm evaluate-detection --model {args.out} --data {args.data} --split test")
+
+
 def add_train_parser(sub) -> None:
-    train = sub.add_parser("train", help="train a stage: siglip, projector, instruct, or the demo model")
+    train = sub.add_parser("train", help="train a stage: siglip, projector, instruct, the demo model, or MedMAP")
     stages = train.add_subparsers(dest="stage", required=True)
 
     def stage(name: str, help_: str, func) -> argparse.ArgumentParser:
@@ -145,7 +183,7 @@ def add_train_parser(sub) -> None:
         p.add_argument("--out", required=True, help="output folder")
         p.set_defaults(func=func)
         if name != "demo":
-            p.add_argument("--data", required=True, help="root of an M3D-layout dataset")
+            p.add_argument("--data", required=True, help="root of an M3D-layout dataset (MedMoM layout for medmap)")
             p.add_argument("--config", help="training options (JSON or YAML)")
             p.add_argument("overrides", nargs="*", help="training options as key=value (e.g. lr=3e-4)")
         return p
@@ -167,3 +205,18 @@ def add_train_parser(sub) -> None:
     p.add_argument("--work", default="runs/demo-work", help="folder for phantoms and checkpoints")
     p.add_argument("-n", type=int, default=1000, help="number of training phantoms")
     p.add_argument("--seed", type=int, default=0)
+    p = stage("medmap", "MedMAP on MedMoM-layout MRI data: modality-aware pre-training, fine-tuning with the "
+                        "text tower frozen, validation thresholds (options: key=value for both stages, "
+                        "pretrain.key=value / finetune.key=value for one; resume=true continues)", cmd_medmap)
+    p.add_argument("--input-size", type=int, nargs=3, default=[32, 64, 64], metavar=("D", "H", "W"),
+                   help="model input size (default: 32 64 64)")
+    p.add_argument("--backbone", default="dcformer", choices=["dcformer", "swin"])
+    p.add_argument("--variant", default="nano", choices=["nano", "tiny", "small", "base"], help="DCFormer size")
+    p.add_argument("--embed-dim", type=int, default=128)
+    p.add_argument("--text-width", type=int, default=128)
+    p.add_argument("--text-layers", type=int, default=2)
+    p.add_argument("--vocab-size", type=int, default=1000, help="BPE vocabulary trained on the reports")
+    p.add_argument("--full-study-p", type=float, default=0.25,
+                   help="share of fine-tuning steps that show a study whole, else one or two of its volumes "
+                        "(default: 0.25; 1.0 learns full studies fastest)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")

@@ -9,7 +9,8 @@
 3. Thresholds per label are chosen on validation data (F1), for the full study and per sequence.
 
 ``train_medmap_demo`` runs all of it on fresh MRI phantoms and writes the shipped demo detector;
-``python -m med3dvlm.train.medmap OUT_DIR`` does the same from the command line.
+``python -m med3dvlm.train.medmap OUT_DIR`` does the same from the command line. ``train.medmap_run``
+runs the stages on the user's own MedMoM-layout data (``med3dvlm train medmap``).
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ..data.medmom import PHANTOM_LABELS, MedMoMStudy
+from ..data.medmom import PHANTOM_LABELS, MedMoMStudy, label_column, phantom_mr_study
 from ..detection import STUDY_KEY, Detector, detector_preprocess
+from ..errors import Med3DVLMError
 from ..eval.classification import f1_score, per_class_auc, select_threshold
 from ..models.medmap import MedMAPConfig, MedMAPModel, tokenize
 from ..models.siglip import sigmoid_loss
@@ -62,19 +64,6 @@ def _under(name: str, prefixes: Sequence[str]) -> bool:
 
 
 # ---- data ---------------------------------------------------------------------------------
-def _mr_study(seed: int, sequences: Sequence[str], shape, findings: Sequence[int] | None):
-    from ..data.phantoms import make_mr_study
-
-    if not findings:
-        return make_mr_study(seed, tuple(sequences), shape=shape)
-    n = findings[seed % len(findings)]
-    while True:
-        try:
-            return make_mr_study(seed, tuple(sequences), shape=shape, n_findings=n)
-        except RuntimeError:  # no room for that many findings in this anatomy
-            n -= 1
-
-
 def phantom_samples(seeds: Sequence[int], labels: Sequence[tuple[str, str]], input_size: tuple[int, int, int],
                     sequences: Sequence[str] = MR_SEQUENCES, shape=None, findings: Sequence[int] | None = None,
                     progress: bool = False) -> list[StudySample]:
@@ -88,21 +77,41 @@ def phantom_samples(seeds: Sequence[int], labels: Sequence[tuple[str, str]], inp
     config = PreprocessConfig(shape=tuple(input_size))
     out = []
     for seed in tqdm(seeds, desc="MRI phantoms", disable=not progress, unit="study"):
-        study = _mr_study(int(seed), sequences, shape, findings)
+        study = phantom_mr_study(int(seed), sequences, shape, findings)
         pixels = {s: preprocess(v, config).to(torch.float16) for s, v in study.volumes.items()}
         y = torch.tensor([float(pair in study.truth.pairs) for pair in labels])
         out.append(StudySample(pixels, write_report(study.truth, np.random.default_rng(seed)), y))
     return out
 
 
-def medmom_samples(studies: Sequence[MedMoMStudy], labels: Sequence[tuple[str, str]],
-                   input_size: tuple[int, int, int]) -> list[StudySample]:
-    """Studies of a MedMoM table (``data.medmom.read_medmom``), read and preprocessed once."""
-    config = PreprocessConfig(shape=tuple(input_size))
-    return [StudySample({seq: preprocess(read_volume(path, modality="MR", sequence=seq), config).to(torch.float16)
-                         for seq, path in study.volumes.items()}, study.report,
-                        torch.tensor([float(study.labels.get(pair, 0)) for pair in labels]))
-            for study in studies]
+def medmom_samples(studies: Sequence[MedMoMStudy], labels: Sequence[tuple[str, str]], config: PreprocessConfig,
+                   sequences: Sequence[str] | None = None, progress: bool = False) -> list[StudySample]:
+    """Studies of a MedMoM table (``data.medmom.read_medmom``), read and preprocessed once.
+
+    ``labels`` are the model's, in its order; ``sequences`` (default: all) are the ones kept.
+    """
+    missing = [label_column(pair) for pair in labels if pair not in studies[0].labels]
+    if missing:
+        raise Med3DVLMError(f"The MedMoM table has no label column(s) {missing}; the model scores them.")
+    out = []
+    for study in tqdm(studies, desc="reading MRI studies", disable=not progress, unit="study"):
+        kept = {seq: path for seq, path in study.volumes.items() if sequences is None or seq in sequences}
+        if not kept:
+            raise Med3DVLMError(f"Study {study.study_id} has none of the sequences {tuple(sequences)}.")
+        pixels = {seq: preprocess(read_volume(path, modality="MR", sequence=seq), config).to(torch.float16)
+                  for seq, path in kept.items()}
+        out.append(StudySample(pixels, study.report, torch.tensor([float(study.labels[pair]) for pair in labels])))
+    return out
+
+
+def subsets_of(sequences: Sequence[str]) -> dict[str, tuple[str, ...] | None]:
+    """The full study (each study's own sequences) and every sequence alone."""
+    return {STUDY_KEY: None, **{s: (s,) for s in sequences}}
+
+
+def with_sequences(samples: Sequence[StudySample], sequences: Sequence[str] | None) -> list[StudySample]:
+    """The studies that hold every one of ``sequences`` (all studies for None)."""
+    return [s for s in samples if sequences is None or all(q in s.pixels for q in sequences)]
 
 
 def build_model(config: MedMAPConfig, tokenizer) -> MedMAPModel:
@@ -229,20 +238,38 @@ def choose_thresholds(y: np.ndarray, p: np.ndarray) -> np.ndarray:
     return np.array([select_threshold(y[:, c], p[:, c], "f1") if y[:, c].any() else 0.5 for c in range(y.shape[1])])
 
 
+def subset_thresholds(model: MedMAPModel, val: Sequence[StudySample],
+                      subsets: dict[str, Sequence[str] | None], zero_shot: bool = False) -> dict[str, list[float]]:
+    """Per subset, F1-optimal thresholds on the validation studies that hold its sequences.
+
+    A subset no validation study holds gets no entry: the detector falls back to the study's.
+    """
+    out = {}
+    for key, sequences in subsets.items():
+        chosen = with_sequences(val, sequences)
+        if chosen:
+            y = torch.stack([s.labels for s in chosen]).numpy()
+            out[key] = choose_thresholds(y, score_studies(model, chosen, sequences, zero_shot)).tolist()
+    return out
+
+
 def evaluate(model: MedMAPModel, val: Sequence[StudySample], test: Sequence[StudySample],
              subsets: dict[str, Sequence[str] | None], zero_shot: bool = False) -> dict[str, dict]:
     """Per subset: thresholds chosen on ``val``, then macro AUC / F1 and per-label AUC on ``test``."""
-    y_val = torch.stack([s.labels for s in val]).numpy()
-    y_test = torch.stack([s.labels for s in test]).numpy()
     names = [f"{organ}/{kind}" for organ, kind in model.config.labels]
+    thresholds = subset_thresholds(model, val, subsets, zero_shot)
     results = {}
     for key, sequences in subsets.items():
-        thresholds = choose_thresholds(y_val, score_studies(model, val, sequences, zero_shot))
-        p = score_studies(model, test, sequences, zero_shot)
+        chosen = with_sequences(test, sequences)
+        if key not in thresholds or not chosen:
+            continue
+        y_test = torch.stack([s.labels for s in chosen]).numpy()
+        p = score_studies(model, chosen, sequences, zero_shot)
         aucs = per_class_auc(y_test, p)
+        cuts = np.asarray(thresholds[key])
         results[key] = {"macro_auc": float(np.nanmean(aucs)),
-                        "macro_f1": f1_score(y_test, (p >= thresholds).astype(int), average="macro"),
-                        "thresholds": thresholds.tolist(),
+                        "macro_f1": f1_score(y_test, (p >= cuts).astype(int), average="macro"),
+                        "thresholds": thresholds[key],
                         "per_label_auc": {n: (None if np.isnan(a) else round(float(a), 4)) for n, a in zip(names, aucs)}}
     return results
 
@@ -275,7 +302,7 @@ def train_medmap_demo(out_dir: str | Path, *, n_train: int = 240, n_val: int = 6
               "lr": 2e-3, "warmup_steps": 5, "weight_decay": 0.01}
     pretrain(model, data["train"], tokenizer,
              TrainConfig(output_dir=str(runs / "pretrain"), epochs=pretrain_epochs, **common))
-    subsets = {STUDY_KEY: None, **{s: (s,) for s in model.config.sequences}}
+    subsets = subsets_of(model.config.sequences)
     zero_shot = evaluate(model, data["validation"], data["test"], subsets, zero_shot=True)
     finetune(model, data["train"], TrainConfig(output_dir=str(runs / "finetune"), epochs=finetune_epochs, **common))
     finetuned = evaluate(model, data["validation"], data["test"], subsets)
