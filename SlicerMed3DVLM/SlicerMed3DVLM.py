@@ -5,6 +5,7 @@ outside Slicer) and in the embedded ``med3dvlm`` package. Lib modules are import
 that Slicer starts even before the module's Python packages are installed.
 """
 
+import logging
 import os
 import sys
 
@@ -20,6 +21,21 @@ def _use_embedded_core() -> None:
     core = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "core")
     if os.path.isdir(os.path.join(core, "med3dvlm")) and core not in sys.path:
         sys.path.insert(0, core)
+
+
+def _why_self_test_cannot_run():
+    """Why the self-test must be skipped (extension build machines have no PyTorch), else None."""
+    _use_embedded_core()
+    from SlicerMed3DVLMLib import dependencies
+
+    refusal = dependencies.unsupported_python()
+    if refusal:
+        return "Med3DVLM self-test skipped: " + refusal
+    missing = dependencies.missing_requirements()
+    if missing:
+        return ("Med3DVLM self-test skipped: these Python packages are not installed: " + ", ".join(missing)
+                + "; open the Med3DVLM module and press Install.")
+    return None
 
 
 def _dicom_lookup(instance_uid: str, tag: str) -> str:
@@ -39,6 +55,8 @@ class SlicerMed3DVLM(ScriptedLoadableModule):
             "vision-language model (Med3DVLM) answers in the chat while Slicer stays responsive. "
             "For MRI, <b>Detect abnormalities</b> scores the abnormalities the model knows. "
             "Reports and conversations are saved with the scene as text nodes, scores as tables. "
+            "Needs 3D Slicer 5.10 or newer (Python 3.12); on first use the module installs PyTorch "
+            "(through the PyTorch extension) and its other Python packages. "
             '<a href="https://github.com/SlicerMed3DVLM/SlicerMed3DVLM">Documentation</a>. '
             "Research use only: not for diagnosis."
         )
@@ -51,40 +69,63 @@ class SlicerMed3DVLMWidget(ScriptedLoadableModuleWidget):
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
         _use_embedded_core()
-        self.logic = None
+        # Always there, so that slicer.util.getModuleLogic works before the packages are installed
+        # (it returns the widget's ``logic``); the logic builds its core on first use.
+        self.logic = SlicerMed3DVLMLogic()
+        self.installBox = None
         from SlicerMed3DVLMLib import dependencies
 
+        refusal = dependencies.unsupported_python()
+        if refusal:  # Slicer 5.8 or older: nothing to install would help
+            self._show_notice(refusal)
+            return
         missing = dependencies.missing_requirements()
         if missing:
-            self._offer_install(missing)
+            self._show_notice("Med3DVLM needs these Python packages:\n" + "\n".join(missing),
+                              lambda *_: self._install(missing))
         else:
             self._build_chat()
 
-    def _offer_install(self, missing):
-        """Until the packages are there, the module shows what is missing and an Install button."""
+    def _show_notice(self, text, install=None):
+        """A message, and an Install button when ``install`` is given, at the top of the panel.
+
+        The stretch lives inside the box, not in the module layout: the chat added after a
+        successful install then gets all the height instead of being squashed below a stretch.
+        """
         self.installBox = qt.QWidget()
         layout = qt.QVBoxLayout(self.installBox)
-        self.installLabel = qt.QLabel("Med3DVLM needs these Python packages:\n" + "\n".join(missing))
+        self.installLabel = qt.QLabel(text)
         self.installLabel.wordWrap = True
-        button = qt.QPushButton("Install")
-        button.clicked.connect(lambda *_: self._install(missing))
         layout.addWidget(self.installLabel)
-        layout.addWidget(button)
-        self.layout.addWidget(self.installBox)
-        self.layout.addStretch(1)
+        if install is not None:
+            self.installButton = qt.QPushButton("Install")
+            self.installButton.clicked.connect(install)
+            layout.addWidget(self.installButton)
+        layout.addStretch(1)
+        self.layout.addWidget(self.installBox, 1)
 
     def _install(self, missing):
         from SlicerMed3DVLMLib import dependencies
 
+        self.installButton.enabled = False
         slicer.app.setOverrideCursor(qt.Qt.WaitCursor)
         try:
             dependencies.install(missing)
         except dependencies.InstallError as error:
             self.installLabel.text = str(error)
             return
+        except Exception as error:  # never a traceback in the panel: one sentence, details in the log
+            logging.exception("Med3DVLM: installing the Python packages failed")
+            self.installLabel.text = (f"Installing the Python packages failed ({dependencies.failure_reason(error)}); "
+                                      "press Install to try again.")
+            return
         finally:
             slicer.app.restoreOverrideCursor()
+            self.installButton.enabled = True
         self.installBox.hide()
+        self.layout.removeWidget(self.installBox)
+        self.installBox.deleteLater()
+        self.installBox = None
         self._build_chat()
 
     def _build_chat(self):
@@ -99,13 +140,25 @@ class SlicerMed3DVLMWidget(ScriptedLoadableModuleWidget):
         selector.noneEnabled = True
         selector.setMRMLScene(slicer.mrmlScene)
         selector.setToolTip("The CT or MRI volume to report on and ask about")
-        self.logic = SlicerMed3DVLMLogic()
+        selector.connect("currentNodeChanged(vtkMRMLNode*)", self._warn_about_demo_model)
         self.panel = ChatPanel(volume_selector=selector)
         self.layout.addWidget(self.panel)
         self.controller = ChatController(self.panel, self.logic.core)
 
+    def _warn_about_demo_model(self, node):
+        """Once per installation: the demo model knows only phantoms, before it meets a real scan."""
+        if node is None:
+            return
+        from SlicerMed3DVLMLib import demo_notice
+        from SlicerMed3DVLMLib.settings import load_settings
+
+        store = qt.QSettings()
+        if demo_notice.should_warn(store, load_settings(store).model, node.GetName()):
+            demo_notice.mark_warned(store)
+            slicer.util.warningDisplay(demo_notice.NOTICE, windowTitle="Med3DVLM demo model")
+
     def cleanup(self):
-        """Module closed (application exit or reload): stop the model thread."""
+        """Module unloaded (Slicer calls it on exit, from aboutToQuit, and on reload): stop the model."""
         if self.logic is not None:
             self.logic.shutdown()
 
@@ -122,10 +175,19 @@ class SlicerMed3DVLMLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self, scene=None):
         ScriptedLoadableModuleLogic.__init__(self)
-        _use_embedded_core()
-        from SlicerMed3DVLMLib.logic import Med3DVLMLogic
+        self._scene = scene
+        self._core = None
 
-        self.core = Med3DVLMLogic(scene or slicer.mrmlScene, store=qt.QSettings(), dicom_lookup=_dicom_lookup)
+    @property
+    def core(self):
+        """Built on first use: the packages it imports may not be installed when the module opens."""
+        if self._core is None:
+            _use_embedded_core()
+            from SlicerMed3DVLMLib.logic import Med3DVLMLogic
+
+            self._core = Med3DVLMLogic(self._scene or slicer.mrmlScene, store=qt.QSettings(),
+                                       dicom_lookup=_dicom_lookup)
+        return self._core
 
     def generate_report(self, volume_node, on_token=None, on_done=None, on_status=None):
         return self.core.generate_report(volume_node, on_token, on_done, on_status)
@@ -140,7 +202,7 @@ class SlicerMed3DVLMLogic(ScriptedLoadableModuleLogic):
         return self.core.cancel()
 
     def shutdown(self):
-        return self.core.shutdown()
+        return self._core.shutdown() if self._core is not None else True  # nothing started yet
 
 
 class SlicerMed3DVLMTest(ScriptedLoadableModuleTest):
@@ -150,10 +212,17 @@ class SlicerMed3DVLMTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        reason = _why_self_test_cannot_run()
+        if reason:  # "Reload and Test" calls runTest directly: a message, not a SkipTest traceback
+            self.delayDisplay(reason)
+            return
         self.setUp()
         self.test_report_and_question_are_stored_in_the_scene()
 
     def test_report_and_question_are_stored_in_the_scene(self):
+        reason = _why_self_test_cannot_run()
+        if reason:  # ctest (slicer_add_python_unittest) runs test_* methods through unittest
+            self.skipTest(reason)
         _use_embedded_core()
         from med3dvlm.data.phantoms import make_ct_phantom
         from SlicerMed3DVLMLib import text_nodes

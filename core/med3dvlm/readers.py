@@ -336,6 +336,10 @@ def write_volume(volume: Volume, path: str | Path) -> Path:
 
 
 _SOP_CLASSES = {"CT": "1.2.840.10008.5.1.4.1.1.2", "MR": "1.2.840.10008.5.1.4.1.1.4"}
+# A conformant Part 10 file (preamble, file meta): pydicom 3 names it enforce_file_format; 2.4,
+# which Slicer 5.10 bundles, write_like_original=False (deprecated in 3, so not passed there).
+_CONFORMANT_FILE = ({"enforce_file_format": True} if int(pydicom.__version__.split(".")[0]) >= 3
+                    else {"write_like_original": False})
 
 
 def _ds(values: Any) -> list[DSfloat]:
@@ -395,5 +399,5 @@ def write_dicom_series(
         ds.ImagePositionPatient = _ds(lps[:3, 3] + k * lps[:3, 2])
         ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
         paths.append(folder / f"slice{k:04d}.dcm")
-        ds.save_as(paths[-1], enforce_file_format=True)
+        ds.save_as(paths[-1], **_CONFORMANT_FILE)
     return paths
