@@ -9,96 +9,98 @@ import pytest
 import torch
 
 from med3dvlm.errors import ModelError
-from med3dvlm.eval import (accuracy, balanced_accuracy, bert_score, binary_report, corpus_bleu, f1_score, macro_auc,
-                           meteor, multilabel_report, per_class_auc, recall_at_k, roc_auc, rouge_l, select_threshold,
-                           sentence_bleu, sentence_meteor, sentence_rouge_l, text_metrics, tokenize)
-from med3dvlm.eval.text_metrics import simple_stem
+from med3dvlm.eval import (Meteor, accuracy, balanced_accuracy, bert_score, binary_report, bleu1, f1_score, macro_auc,
+                           multilabel_report, per_class_auc, recall_at_k, roc_auc, rouge, select_threshold)
+from med3dvlm.eval.wordnet import find_wordnet
 
-# ---------------------------------------------------------------- text
-
-
-def test_tokenize_keeps_numbers_and_hyphenated_words():
-    words = ["a", "3.5", "cm", "non-contrast", "lesion", "left", "lobe"]
-    assert tokenize("A 3.5 cm non-contrast lesion, LEFT lobe.") == words
+# ---------------------------------------------------------------- text (sacrebleu, rouge-score, nltk, bert-score)
 
 
-def test_bleu_identical_is_one_and_disjoint_is_zero():
-    text = "the liver shows a small hypodense lesion"
-    assert sentence_bleu(text, text) == pytest.approx([1.0] * 4)
-    other = "no acute findings here today"
-    assert corpus_bleu([text, other], [text, other]) == pytest.approx([1.0] * 4)
-    assert corpus_bleu(["a b c d"], ["e f g h"]) == [0.0] * 4
-
-
-def test_bleu_clipped_unigram_precision_papineni_example():
+def test_bleu1_clipped_precision_and_brevity_penalty():
     # Papineni et al. (2002): "the" x7 against a reference holding "the" twice -> 2/7; no brevity penalty.
-    bleu = sentence_bleu("the the the the the the the", "the cat is on the mat", smoothing="none")
-    assert bleu[0] == pytest.approx(2 / 7)
+    assert bleu1("the the the the the the the", "the cat is on the mat") == pytest.approx(2 / 7)
+    assert bleu1("the cat", "the cat is on the mat") == pytest.approx(math.exp(1 - 6 / 2))  # p1 = 1
+    # 13a splits the final period off: 5 of 5 tokens match, reference 7 tokens -> BP exp(1 - 7/5).
+    assert bleu1("The liver is normal.", "The liver is normal in size.") == pytest.approx(math.exp(1 - 7 / 5))
+    assert bleu1("liver", "LIVER") == 0.0  # case-sensitive, as the official script's BLEU
+    assert bleu1("", "the liver") == 0.0
 
 
-def test_bleu_brevity_penalty_and_multiple_references():
-    bleu = sentence_bleu("the cat", "the cat is on the mat", max_n=2, smoothing="none")
-    assert bleu == pytest.approx([math.exp(-2), math.exp(-2)])  # p1 = p2 = 1, BP = exp(1 - 6/2)
-    # Each unigram found in some reference; closest reference length 2 -> no penalty; no bigram matches.
-    assert sentence_bleu("the cat", ["the dog", "a cat"], max_n=2, smoothing="none") == pytest.approx([1.0, 0.0])
-
-
-def test_corpus_bleu_pools_counts_and_smoothing_options():
-    # Unigrams 3/4 and bigrams 1/2 pooled over both pairs -> BLEU-2 = sqrt(3/4 * 1/2).
-    assert corpus_bleu(["a b", "c d"], ["a b", "c e"], max_n=2) == pytest.approx([0.75, math.sqrt(0.375)])
-    # No 2-gram match: plain BLEU-2 is 0, epsilon uses 0.1/1, add-one uses (0+1)/(1+1).
-    assert sentence_bleu("a c", "a b", max_n=2, smoothing="none")[1] == 0.0
-    assert sentence_bleu("a c", "a b", max_n=2, smoothing="epsilon")[1] == pytest.approx(math.sqrt(0.5 * 0.1))
-    assert sentence_bleu("a c", "a b", max_n=2, smoothing="add-one")[1] == pytest.approx(math.sqrt(0.5 * 0.5))
-    with pytest.raises(ValueError, match="smoothing"):
-        sentence_bleu("a", "a", smoothing="magic")
-
-
-def test_rouge_l_lin_2004_examples():
+def test_rouge1_and_rouge_l_lin_2004_examples():
     ref = "police killed the gunman"
-    assert sentence_rouge_l("police kill the gunman", ref) == pytest.approx(0.75)  # LCS 3 of 4 both ways
-    assert sentence_rouge_l("the gunman kill police", ref) == pytest.approx(0.5)  # LCS "the gunman"
-    assert sentence_rouge_l("police kill the gunman", [ref, "police kill the gunman"]) == 1.0
-    assert rouge_l(["police kill the gunman", "xyz"], [ref, ref]) == pytest.approx(0.375)
-    # beta weights recall: P = 3/4, R = 3/6 -> F(beta=2) = 5 * P * R / (R + 4P)
-    assert sentence_rouge_l("a b c x", "a b c y z w", beta=2.0) == pytest.approx(5 * 0.75 * 0.5 / (0.5 + 3.0))
+    assert rouge("police kill the gunman", ref) == pytest.approx({"rouge1": 0.75, "rougeL": 0.75})
+    # LCS "the gunman" (2 of 4); all four unigrams but "kill" match.
+    assert rouge("the gunman kill police", ref) == pytest.approx({"rouge1": 0.75, "rougeL": 0.5})
+    # P = 3/4, R = 3/6 -> F1 = 2PR/(P+R) = 0.6; lower case and punctuation do not matter.
+    assert rouge("A b c, x", "a b c y z w")["rouge1"] == pytest.approx(0.6)
 
 
-def test_simple_stemmer():
-    pairs = [("lesions", "lesion"), ("masses", "mass"), ("opacities", "opac"), ("opacity", "opac"),
-             ("enlarged", "enlarg"), ("enlargement", "enlarg"), ("enlarge", "enlarg"), ("kidneys", "kidney"),
-             ("stopped", "stop"), ("is", "is"), ("thus", "thus")]
-    assert [(w, simple_stem(w)) for w, _ in pairs] == pairs
-
-
-def test_meteor_hand_computed():
+def test_meteor_exact_and_stem_stages_hand_computed():
+    meteor = Meteor(find_wordnet_or_none())
     # Identical n words: P = R = 1, one chunk -> 1 - 0.5 * (1/n)^3.
-    assert sentence_meteor("no focal liver lesion", "no focal liver lesion") == pytest.approx(1 - 0.5 / 4**3)
+    assert meteor("no focal liver lesion", "no focal liver lesion") == pytest.approx(1 - 0.5 / 4**3)
     # Swapped halves: 4 matches in 2 chunks -> 1 - 0.5 * (2/4)^3.
-    assert sentence_meteor("a b c d", "c d a b") == pytest.approx(0.9375)
-    # Exact "the", "enlarged" + stem "kidneys"~"kidney": m = 3, P = R = 3/4, 2 chunks.
-    hyp, ref = "the kidneys are enlarged", "the kidney is enlarged"
-    assert sentence_meteor(hyp, ref) == pytest.approx(0.75 * (1 - 0.5 * (2 / 3) ** 3))
-    # Without stemming: m = 2, P = R = 1/2, 2 chunks -> 0.5 * (1 - 0.5).
-    assert sentence_meteor(hyp, ref, stemming=False) == pytest.approx(0.25)
-    assert sentence_meteor("x y", "a b") == 0.0
-    assert meteor([hyp, "a b c d"], [[ref, "unrelated"], "c d a b"]) == pytest.approx(
-        (0.75 * (1 - 0.5 * (2 / 3) ** 3) + 0.9375) / 2)
+    assert meteor("a b c d", "c d a b") == pytest.approx(1 - 0.5 * (2 / 4) ** 3)
+    # Exact "the", "enlarged" + Porter stem "kidneys"~"kidney": m = 3, P = R = 3/4, 2 chunks;
+    # Fmean = PR / (0.9 P + 0.1 R) = 3/4.
+    assert meteor("the kidneys are enlarged", "the kidney is enlarged") == pytest.approx(0.75 * (1 - 0.5 * (2 / 3) ** 3))
+    assert meteor("x y", "a b") == 0.0 and meteor("", "a b") == 0.0
 
 
-def test_text_metrics_bundle_and_input_checks():
-    scores = text_metrics(["the liver is normal"], ["the liver is normal"])
-    assert set(scores) == {"bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "meteor"}
-    assert scores["bleu4"] == pytest.approx(1.0) and scores["rouge_l"] == 1.0
-    with pytest.raises(ValueError, match="2 hypotheses but 1"):
-        rouge_l(["a", "b"], ["a"])
-    with pytest.raises(TypeError):
-        meteor("a b", "a b")
+def find_wordnet_or_none():
+    """Tests must not depend on a system WordNet: a run without it gets the exact+stem METEOR."""
+    return None if find_wordnet() is None else find_wordnet().where
+
+
+def _tiny_wordnet(folder):
+    """A WordNet-format database with one noun synset {tumor, tumour, neoplasm}, as nltk reads it:
+    data.* lines start with their own byte offset; index.* lines name the synset offsets."""
+    folder.mkdir()
+    header = "  1 tiny WordNet-format database for a test (WordNet 3.0 Copyright 2006 Princeton University)\n"
+    offset = len(header.encode())
+    synset = f"{offset:08d} 03 n 03 tumor 0 tumour 0 neoplasm 0 000 | an abnormal new mass of tissue  \n"
+    (folder / "data.noun").write_text(header + synset)
+    for pos in ("verb", "adj", "adv"):
+        (folder / f"data.{pos}").write_text(header)
+    index = "".join(f"{word} n 1 0 1 0 {offset:08d}  \n" for word in sorted(("tumor", "tumour", "neoplasm")))
+    (folder / "index.noun").write_text(header + index)
+    for pos in ("verb", "adj", "adv"):
+        (folder / f"index.{pos}").write_text(header)
+    for pos in ("noun", "verb", "adj", "adv"):
+        (folder / f"{pos}.exc").write_text("")  # morphological exceptions: none
+    return folder
+
+
+def test_meteor_synonym_stage_with_a_tiny_wordnet(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    source = find_wordnet(_tiny_wordnet(tmp_path / "dict"))
+    assert sorted(source.reader.synsets("tumour")[0].lemma_names()) == ["neoplasm", "tumor", "tumour"]
+    with_wn, without = Meteor(source), Meteor(None)
+    without.source, without.synonyms = None, False  # force the no-WordNet path whatever this machine has
+    hyp, ref = "a tumor in the liver", "a neoplasm in the liver"
+    # With synonyms: 5 of 5 in one chunk -> 1 - 0.5/125. Without: 4 of 5 in 2 chunks:
+    # Fmean = 0.8, penalty 0.5 * (2/4)^3.
+    assert with_wn(hyp, ref) == pytest.approx(1 - 0.5 / 5**3)
+    assert without(hyp, ref) == pytest.approx(0.8 * (1 - 0.5 * (2 / 4) ** 3))
+    assert with_wn.settings()["synonyms"] and not without.settings()["synonyms"]
+
+
+def test_meteor_can_require_wordnet(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a WordNet dict folder"):
+        find_wordnet(tmp_path)
+    import med3dvlm.eval.text_metrics as tm
+
+    original = tm.find_wordnet
+    tm.find_wordnet = lambda explicit=None: None
+    try:
+        with pytest.raises(ModelError, match="WordNet 3.0 was not found offline"):
+            Meteor(require_wordnet=True)
+        assert not Meteor().synonyms and "wordnet-base" in Meteor().note
+    finally:
+        tm.find_wordnet = original
 
 
 def test_bert_score_needs_a_local_model(tmp_path):
-    with pytest.raises(ModelError, match="local encoder folder"):
-        bert_score(["a"], ["a"], None)
     with pytest.raises(ModelError, match="local encoder folder"):
         bert_score(["a"], ["a"], tmp_path / "missing")
 
@@ -108,18 +110,24 @@ def test_bert_score_with_a_tiny_local_encoder(tmp_path):
 
     words = ["liver", "lesion", "normal", "kidney", "cyst", "the", "is", "a", "left"]
     (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(tmp_path / "enc")
+    tokenizer = BertTokenizer(str(tmp_path / "vocab.txt"), model_max_length=32)
+    tokenizer.save_pretrained(tmp_path / "enc")
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(words) + 5, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=32)
-    BertModel(config).save_pretrained(tmp_path / "enc")
+    model = BertModel(config).eval()
+    model.save_pretrained(tmp_path / "enc")
 
-    same = bert_score(["the liver is normal"], ["the liver is normal"], tmp_path / "enc")
-    assert same["f1"][0] == pytest.approx(1.0, abs=1e-5)
-    other = bert_score(["the liver is normal", "a left kidney cyst"], [["a left kidney cyst", "the liver is normal"],
-                                                                     "the liver is normal"], tmp_path / "enc")
-    assert other["f1"][0] == pytest.approx(1.0, abs=1e-5)  # best of two references
-    assert other["f1"][1] < 0.999 and other["precision"][1] < 0.999
+    hyp, ref = "the liver is normal", "a left kidney cyst"
+    same, other = bert_score([hyp, hyp], [hyp, ref], tmp_path / "enc")
+    assert same == pytest.approx(1.0, abs=1e-5)
+    # By hand: last-layer embeddings without [CLS]/[SEP], greedy cosine matching, F1 of P and R.
+    with torch.no_grad():
+        emb = [torch.nn.functional.normalize(model(**tokenizer(t, return_tensors="pt")).last_hidden_state[0, 1:-1], dim=-1)
+               for t in (hyp, ref)]
+    sim = emb[0] @ emb[1].T
+    p, r = sim.max(dim=1).values.mean().item(), sim.max(dim=0).values.mean().item()
+    assert other == pytest.approx(2 * p * r / (p + r), abs=1e-4)
 
 
 # ---------------------------------------------------------------- retrieval
