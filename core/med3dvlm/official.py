@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, Phi3Config, PretrainedConfig, Qwen2Config
+from transformers import GenerationConfig, LlamaConfig, Phi3Config, PretrainedConfig, Qwen2Config
 
 from .checkpoints import (CONFIG_NAME, assign_in_batches, check_names_and_shapes, device_name, prepared_tensor,
                           read_config)
@@ -42,6 +42,7 @@ from .models.projector import ProjectorConfig
 from .models.vlm import MODEL_TYPE, Med3DVLM, Med3DVLMConfig
 from .prompts import IMAGE_TOKEN
 from .quantization import quantizer
+from .tokenizer import load_release_tokenizer
 
 KIND_OURS, KIND_MED3DVLM, KIND_M3D_LAMED = "med3dvlm", "official-med3dvlm", "m3d-lamed"
 # Official model_type -> (kind, config class of its language model).
@@ -235,18 +236,22 @@ class Release:
 def load_official_tokenizer(release: Release):
     """The folder's own tokenizer (local files only, no remote code), checked for ``<im_patch>``."""
     folder = release.folder
-    try:  # the LM config is passed so that transformers does not parse the official config.json itself
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), config=release.text_config, local_files_only=True,
-                                                  trust_remote_code=False)
-    except Exception as error:  # missing files, or a SentencePiece-only tokenizer without sentencepiece
-        raise ModelError(f"The tokenizer in {folder} cannot be loaded ({error}); official folders ship "
-                         "tokenizer.json (tokenizer.model alone needs: pip install sentencepiece).") from error
+    tokenizer = load_release_tokenizer(folder, release.text_config)  # tokenizer.json, or tokenizer.model alone
     if len(tokenizer.encode(IMAGE_TOKEN, add_special_tokens=False)) != 1:
         raise ModelError(f"The tokenizer in {folder} has no single {IMAGE_TOKEN} token; it is not the "
                          "tokenizer of a Med3DVLM or M3D-LaMed release.")
     if tokenizer.pad_token is None:  # as official training did: pad with unk (Llama), else eos
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Every token that ends an answer: the tokenizer's end of sequence and each ``eos_token_id`` the
+    folder's generation_config.json lists (Phi-3 chat models stop at ``<|end|>`` and two others). The
+    official code generates with those defaults, so an answer must stop at any of them."""
+    listed = model.language_model.generation_config.eos_token_id
+    listed = listed if isinstance(listed, (list, tuple)) else [listed]
+    return list(dict.fromkeys(i for i in (tokenizer.eos_token_id, *listed) if i is not None))
 
 
 def prompt_style(tokenizer, folder: str | Path) -> str:

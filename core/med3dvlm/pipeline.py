@@ -27,7 +27,7 @@ from . import prompts
 from .cancel import CancelToken
 from .checkpoints import SIGLIP_FOLDER, load_bundle, load_siglip
 from .detection import DetectionResult, Detector
-from .official import is_official_folder, load_official
+from .official import is_official_folder, load_official, stop_token_ids
 from .quantization import quantization_of
 from .errors import Med3DVLMError, ModelError
 from .generation import ANSWER_SETTINGS, REPORT_SETTINGS, CallbackStreamer, GenerationSettings, stopping_criteria
@@ -126,6 +126,7 @@ class Pipeline:
         self.model_name = name
         self.preprocess_config: PreprocessConfig = PRESETS[model.config.preprocess_preset]
         self.num_image_tokens: int = model.config.num_image_tokens
+        self.stop_token_ids: list[int] = stop_token_ids(model, tokenizer)  # all the release lists, not only EOS
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()  # one generation at a time on one model
@@ -284,8 +285,8 @@ class Pipeline:
                                       **settings.generate_kwargs())
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
-    def _special_ids(self) -> dict[str, int]:
-        return {"eos_token_id": self.tokenizer.eos_token_id, "pad_token_id": self.tokenizer.pad_token_id}
+    def _special_ids(self) -> dict:
+        return {"eos_token_id": self.stop_token_ids, "pad_token_id": self.tokenizer.pad_token_id}
 
     @torch.inference_mode()
     def _best_choice(self, image_tokens, prompt: str, choices: Sequence[str]) -> str:

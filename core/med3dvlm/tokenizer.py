@@ -7,17 +7,20 @@ special token. Padding has its own token so that masking pads never masks a real
 
 from __future__ import annotations
 
+import importlib.util
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from .errors import ModelError
 from .prompts import IMAGE_TOKEN
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
+FAST_FILE, SENTENCEPIECE_FILE = "tokenizer.json", "tokenizer.model"
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000) -> PreTrainedTokenizerFast:
@@ -67,3 +70,59 @@ def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerFast:
 
 def image_token_id(tokenizer: PreTrainedTokenizerFast) -> int:
     return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+
+def load_release_tokenizer(folder: str | Path, config=None):
+    """A released model's own tokenizer: local files only, no remote code.
+
+    M3D-LaMed releases ship only the SentencePiece file (``tokenizer.model``, saved by the official
+    slow tokenizer). transformers 5 turns it into a fast tokenizer that gives the same ids as the
+    slow one did; that needs sentencepiece and protobuf. ``config`` (the language model's config)
+    spares transformers from parsing the release's custom config.json.
+    """
+    folder = Path(folder)
+    options = {}
+    if not (folder / FAST_FILE).is_file():
+        if not (folder / SENTENCEPIECE_FILE).is_file():
+            raise ModelError(f"The model folder {folder} has no tokenizer ({FAST_FILE} or {SENTENCEPIECE_FILE}); "
+                             "the download is incomplete.")
+        missing = [name for name in ("sentencepiece", "google.protobuf") if not _importable(name)]
+        if missing:
+            raise ModelError(f"The tokenizer in {folder} is a SentencePiece model ({SENTENCEPIECE_FILE}); reading it "
+                             "needs: pip install sentencepiece protobuf.")
+        # The slow class that wrote it defaulted to legacy=True when the key is absent; transformers 5 to False.
+        options["legacy"] = _tokenizer_config(folder).get("legacy", True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), config=config, local_files_only=True,
+                                                  trust_remote_code=False, **options)
+    except Exception as error:  # damaged or missing files surface as many exception types
+        raise ModelError(f"The tokenizer in {folder} cannot be loaded ({error}); its files ({FAST_FILE} or "
+                         f"{SENTENCEPIECE_FILE}, tokenizer_config.json) may be incomplete or corrupted.") from error
+    if options.get("legacy"):
+        _as_legacy_slow(tokenizer)
+    return tokenizer
+
+
+def _as_legacy_slow(tokenizer) -> None:
+    """The legacy slow tokenizer gave every text piece between special tokens a "▁" prefix, even one that
+    starts with a space (" Is" -> "▁", "▁Is"); a Metaspace pre-tokenizer skips it there. Prepending in
+    the normalizer, as transformers' legacy fast Llama tokenizers did, gives the slow ids."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and type(backend.pre_tokenizer) is pre_tokenizers.Metaspace:
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        backend.pre_tokenizer = None
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a missing parent package ("google")
+        return False
+
+
+def _tokenizer_config(folder: Path) -> dict:
+    try:
+        data = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        data = None  # transformers reports a damaged file itself
+    return data if isinstance(data, dict) else {}
