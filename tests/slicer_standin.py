@@ -9,6 +9,7 @@ counts how often a new volume content is encoded. The module's logic must not kn
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from pathlib import Path
 
@@ -20,9 +21,13 @@ WORDS = ("no", "focal", "lesion", "is", "seen", "in", "the", "liver", "spleen", 
 
 
 class StandInPipeline:
+    device, dtype, quantization, retrieval, detector = "cpu", "float32", None, None, None  # as /info reads them
+
     def __init__(self, model_name: str = "stand-in", token_delay: float = 0.002, report_words: int = 24,
-                 scores: dict[tuple[str, str], float] | None = None, spin: bool = False) -> None:
+                 scores: dict[tuple[str, str], float] | None = None, spin: bool = False,
+                 die_after: int | None = None) -> None:
         self.model_name = model_name
+        self.die_after = die_after  # tokens after which the process dies, as a crashing server would
         self.token_delay = token_delay
         self.spin = spin
         self.report_words = report_words
@@ -38,14 +43,14 @@ class StandInPipeline:
             self.encode_calls += 1
         return key
 
-    def report(self, volume, *, on_token=None, cancel=None, **gen) -> str:
+    def report(self, volume, *, instruction=None, on_token=None, cancel=None, **gen) -> str:
         self.encode(volume)
         stats = [volume.modality, f"{volume.shape[0]}x{volume.shape[1]}x{volume.shape[2]}",
                  f"mean={float(volume.array.mean()):.1f}"]
         words = stats + [WORDS[i % len(WORDS)] for i in range(self.report_words - len(stats))]
         return self._stream(words, on_token, cancel, gen)
 
-    def ask(self, volume, question, *, history=(), on_token=None, cancel=None, **gen) -> str:
+    def ask(self, volume, question, *, history=(), choices=None, on_token=None, cancel=None, **gen) -> str:
         self.encode(volume)
         if not question.strip():
             raise Med3DVLMError("The question is empty; type a question about the volume.")
@@ -73,6 +78,9 @@ class StandInPipeline:
             pieces.append(piece)
             if on_token is not None:
                 on_token(piece)
+            if self.die_after is not None and len(pieces) >= self.die_after:
+                time.sleep(0.2)  # let the tokens so far reach the client
+                os._exit(3)
         return "".join(pieces)
 
 

@@ -10,8 +10,11 @@ from pathlib import Path
 from .errors import Med3DVLMError
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, remote: bool = True) -> None:
     p.add_argument("--model", default="demo", help="'demo' (bundled) or a model folder (default: demo)")
+    if remote:
+        p.add_argument("--server", metavar="URL", help="use the model server at URL (med3dvlm serve) instead of --model")
+        p.add_argument("--token-file", help="file holding the server's access token (default: $MED3DVLM_TOKEN)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
     p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16 (default: auto)")
     p.add_argument("--quantization", choices=["4bit", "8bit"], default=None,
@@ -40,6 +43,11 @@ def _settings(args) -> dict:
 
 
 def _pipeline(args):
+    """The in-process pipeline of --model, or a client of the --server with the same methods."""
+    if getattr(args, "server", None):
+        from .client.remote import connect
+
+        return connect(args.server, token=_read_token(args.token_file) if args.token_file else None)
     import torch
 
     from .pipeline import load
@@ -48,6 +56,13 @@ def _pipeline(args):
         torch.set_num_threads(args.threads)
     return load(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization,
                 allow_pickle=args.allow_pickle)
+
+
+def _read_token(path: str) -> str:
+    try:
+        return Path(path).expanduser().read_text().strip()
+    except OSError as error:
+        raise Med3DVLMError(f"The token file {path} cannot be read ({error.strerror}).") from None
 
 
 def _progress(total: int, unit: str):
@@ -153,18 +168,60 @@ def cmd_evaluate(args) -> None:
     from .data.m3d import write_dataset
     from .eval.phantom_eval import evaluate_phantoms
 
-    data = args.data
+    if args.benchmark == "m3d":
+        return _evaluate_m3d(args)
+    data, n, split = args.data, args.n or 100, args.split or "train"
     if data is None:  # fresh phantoms the model never saw
         data = Path(args.work) / f"eval-phantoms-seed{args.seed}"
         if not (data / "manifest.json").is_file():
-            write_dataset(data, args.n, args.seed, modality="CT", splits=(1.0, 0.0, 0.0), progress=True)
-    results = evaluate_phantoms(_pipeline(args), data, split=args.split, n=args.n)
+            write_dataset(data, n, args.seed, modality="CT", splits=(1.0, 0.0, 0.0), progress=True)
+    results = evaluate_phantoms(_pipeline(args), data, split=split, n=n)
     example = results.pop("example_report")
     for key, value in results.items():
         print(f"{key:32s} {value:.4f}" if isinstance(value, float) else f"{key:32s} {value}")
     print(f"\nexample report:\n{example}")
     if args.json:
         Path(args.json).write_text(json.dumps({**results, "example_report": example}, indent=1) + "\n")
+
+
+def _evaluate_m3d(args) -> None:
+    """The paper's M3D tasks on M3D-Cap / M3D-VQA files; resumable, see eval/m3d_bench.py."""
+    from .eval.m3d_bench import BenchmarkConfig, M3DBenchmark
+    from .eval.m3d_summary import format_table, summarize, write_summary
+
+    if not args.root or not args.out:
+        raise Med3DVLMError("evaluate m3d needs --root (the data root of M3D_Cap_npy/ and M3D-VQA/) and --out.")
+    config = BenchmarkConfig(
+        root=Path(args.root), out=Path(args.out), split=args.split or "test", cap_json=args.cap, vqa_csv=args.vqa,
+        vqa_open_csv=args.vqa_open, n=args.n or 2000, n_vqa=args.n_vqa, tasks=tuple(args.tasks.split(",")),
+        closed_mode=args.closed, batch_size=args.batch_size, generation=_settings(args),
+        bertscore_model=args.bertscore_model, bertscore_layers=args.bertscore_layers, wordnet=args.wordnet)
+    bench = M3DBenchmark(_pipeline(args), config)
+    if not bench.meteor.synonyms:
+        print(f"med3dvlm: warning: {bench.meteor.note}", file=sys.stderr)
+    summary = summarize(bench, bench.run())
+    print(format_table(summary))
+    print(f"\nper-sample results and summary.json in {write_summary(summary, config.out).parent}")
+
+
+def cmd_serve(args) -> None:
+    from .server.config import MiB, ServerConfig, resolve_token
+    from .server.serve import serve
+
+    try:
+        token, generated = resolve_token(args.host, args.token_file)
+    except (OSError, ValueError) as error:
+        raise Med3DVLMError(str(error)) from None
+    if generated:
+        print(f"med3dvlm: access token of this server (shown once; clients pass it as token=... or in a "
+              f"--token-file): {token}", file=sys.stderr, flush=True)
+    folder = Path(args.allow_folder).expanduser().resolve() if args.allow_folder else None
+    if folder is not None and not folder.is_dir():
+        raise Med3DVLMError(f"--allow-folder {args.allow_folder} is not a folder.")
+    config = ServerConfig(token=token, max_volume_bytes=args.max_volume_mb * MiB, allowed_folder=folder,
+                          max_waiting=args.max_waiting)
+    serve(lambda: _pipeline(args), config, host=args.host, port=args.port, model_label=args.model,
+          ready_file=args.ready_file, exit_with_stdin=args.exit_with_stdin, log_level=args.log_level)
 
 
 def cmd_inspect(args) -> None:
@@ -243,15 +300,51 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_retrieve)
 
-    p = sub.add_parser("evaluate", help="closed-VQA accuracy, retrieval R@K and report findings on phantoms")
-    p.add_argument("--data", help="M3D-layout phantom dataset (default: write fresh phantoms)")
-    p.add_argument("--split", default="train", help="split of --data to use (default: train)")
-    p.add_argument("-n", type=int, default=100, help="number of volumes (default: 100)")
+    p = sub.add_parser("evaluate", help="phantoms: findings, closed VQA, R@K; m3d: the paper's M3D benchmark")
+    p.add_argument("benchmark", nargs="?", choices=["phantoms", "m3d"], default="phantoms",
+                   help="phantoms (default): phantom ground truth; m3d: retrieval, reports, open/closed VQA on "
+                        "M3D-Cap/M3D-VQA files with the paper's metrics")
+    p.add_argument("--data", help="phantoms: M3D-layout phantom dataset (default: write fresh phantoms)")
+    p.add_argument("--split", default=None, help="split to use (default: train for phantoms, test for m3d)")
+    p.add_argument("-n", type=int, default=None,
+                   help="volumes (phantoms, default 100) or M3D-Cap samples for retrieval and reports (m3d, default 2000)")
     p.add_argument("--seed", type=int, default=12345, help="seed of fresh phantoms (default: 12345)")
     p.add_argument("--work", default="runs", help="where fresh phantoms are written (default: runs)")
-    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--json", help="phantoms: also write the results to this JSON file")
+    m3d = p.add_argument_group("m3d benchmark")
+    m3d.add_argument("--root", help="data root that the files' relative paths start from")
+    m3d.add_argument("--out", help="folder for per-sample JSONL and summary.json; a rerun resumes there")
+    m3d.add_argument("--cap", help="M3D-Cap json (default: ROOT/M3D_Cap_npy/M3D_Cap.json)")
+    m3d.add_argument("--vqa", help="M3D-VQA csv (default: ROOT/M3D-VQA/M3D_VQA_{split}.csv)")
+    m3d.add_argument("--vqa-open", help="extra open-only csv (default: ROOT/M3D-VQA/M3D_VQA_open_{split}.csv if present)")
+    m3d.add_argument("--n-vqa", type=int, default=None, help="first N rows of each VQA csv (default: all)")
+    m3d.add_argument("--tasks", default="retrieval,report,vqa_open,vqa_closed", help="comma-separated subset")
+    m3d.add_argument("--closed", choices=["generate", "likelihood"], default="generate",
+                     help="closed VQA: generate and look for 'X.' as the official script (default), or pick the "
+                          "most likely choice")
+    m3d.add_argument("--batch-size", type=int, default=4, help="volumes per batch for retrieval and reports")
+    m3d.add_argument("--bertscore-model", help="local BERTScore encoder folder (the paper: roberta-large)")
+    m3d.add_argument("--bertscore-layers", type=int, default=None,
+                     help="its layer (default: bert-score's for the folder's name, e.g. roberta-large 17)")
+    m3d.add_argument("--wordnet", help="WordNet 3.0 dict folder for METEOR (default: searched, e.g. /usr/share/wordnet)")
     _add_model_args(p)
+    _add_generation_args(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("serve", help="serve a model over HTTP to the Slicer module and med3dvlm.connect")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1, this machine only; any other needs a token)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free port; default: 8000)")
+    p.add_argument("--token-file", help="file holding the access token (else $MED3DVLM_TOKEN; a non-loopback "
+                                        "server without either generates one and prints it once)")
+    p.add_argument("--allow-folder", help="the one folder on this machine whose files clients may name")
+    p.add_argument("--max-volume-mb", type=int, default=2048, help="largest volume accepted, in MiB of voxels")
+    p.add_argument("--max-waiting", type=int, default=32, help="requests allowed to wait in line")
+    p.add_argument("--ready-file", help="write {url, pid} as JSON here once listening (for a parent process)")
+    p.add_argument("--exit-with-stdin", action="store_true", help="stop when standard input closes")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _add_model_args(p, remote=False)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("inspect", help="what a model folder is, its size, and the memory it needs")
     p.add_argument("model", help="'demo' or a model folder (ours or an official release)")
@@ -269,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.commands import add_train_parser
 
     add_train_parser(sub)
+    from .eval.detection_cli import add_detection_eval_parser
+
+    add_detection_eval_parser(sub)
     return parser
 
 

@@ -15,13 +15,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from .. import __version__
-from .config import ServerConfig
+from .config import ServerConfig, human_size
 from .endpoints import detect, generate, info, jobs, retrieve, volumes
 from .jobs import JobQueue
 from .volumes import VolumeStore
-
-UPLOAD_SLACK = 1 << 16  # deflate may make incompressible voxels a little larger
-
 
 def create_app(load: Callable[[], object], config: ServerConfig = ServerConfig(), model_label: str = "model") -> FastAPI:
     @asynccontextmanager
@@ -49,7 +46,8 @@ async def _one_sentence(request: Request, error: RequestValidationError) -> JSON
 
 class BodyLimit:
     """Refuses a request body beyond the limit from its Content-Length, before reading it (the HTTP
-    server enforces that the body is no longer than announced); a body without a length is refused."""
+    server enforces that the body is no longer than announced); a body without a length is refused.
+    Volume uploads are sized by their own endpoint, which can say which volume is too large."""
 
     def __init__(self, app, config: ServerConfig) -> None:
         self.app, self.config = app, config
@@ -57,15 +55,14 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
             upload = scope["method"] == "PUT" and scope["path"].startswith("/volumes/")
-            limit = self.config.max_volume_bytes + UPLOAD_SLACK if upload else self.config.max_request_bytes
             length = dict(scope["headers"]).get(b"content-length")
+            limit = self.config.max_request_bytes
             refusal = None
             if length is None or not length.isdigit():
                 refusal = (411, "Send the request with a Content-Length header.")
-            elif int(length) > limit:
-                what = "volume upload" if upload else "request"
-                refusal = (413, f"The {what} ({int(length) / 2**20:.1f} MiB) is larger than this server accepts "
-                                f"({limit / 2**20:.1f} MiB).")
+            elif int(length) > limit and not upload:
+                refusal = (413, f"The request ({human_size(int(length))}) is larger than this server accepts "
+                                f"({human_size(limit)}).")
             if refusal is not None:
                 await JSONResponse({"detail": refusal[1]}, status_code=refusal[0])(scope, receive, send)
                 return

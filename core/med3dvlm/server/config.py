@@ -22,6 +22,10 @@ class ServerConfig:
     allowed_folder: Path | None = None     # the one server-side folder clients may name files in
 
 
+def human_size(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / MiB:.1f} MiB"
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable
@@ -35,6 +36,7 @@ class Job:
         self.kind = kind
         self.work = work
         self.cancel = CancelToken()
+        self.position = 0  # jobs ahead of it in line
         self.events: asyncio.Queue[dict] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
 
@@ -66,13 +68,21 @@ class JobQueue:
     def busy(self) -> bool:
         return self._running is not None
 
+    def model(self) -> dict | None:
+        """What answers: model name, device, precision, quantization (None until loaded)."""
+        pipeline = self.pipeline
+        if pipeline is None:
+            return None
+        return {"name": pipeline.model_name, "device": str(pipeline.device),
+                "dtype": str(pipeline.dtype).replace("torch.", ""), "quantization": pipeline.quantization}
+
     def submit(self, job: Job) -> None:
         with self._wake:
             if len(self._waiting) >= self.max_waiting:
                 raise QueueFull(f"The server has {len(self._waiting)} requests waiting already; try again later.")
             self._waiting.append(job)
             self._jobs[job.id] = job
-            job.emit("queued", id=job.id, position=len(self._waiting) - 1 + (self._running is not None))
+            self._place(job, len(self._waiting) - 1 + (self._running is not None))
             if self.state == "loading":
                 job.emit("status", stage="loading")
             self._wake.notify()
@@ -101,9 +111,16 @@ class JobQueue:
             if self._closed:
                 return None
             self._running = self._waiting.popleft()
+            if self._running.position:  # it waited: its turn now
+                self._place(self._running, 0)
             for place, job in enumerate(self._waiting):  # everyone behind moves up one place
-                job.emit("queued", id=job.id, position=place + 1)
+                self._place(job, place + 1)
             return self._running
+
+    @staticmethod
+    def _place(job: Job, position: int) -> None:
+        job.position = position
+        job.emit("queued", id=job.id, position=position)
 
     def _run(self) -> None:
         try:
@@ -129,6 +146,7 @@ class JobQueue:
         if job.cancel.cancelled:  # left the line before its turn
             job.emit("done", stopped=True)
             return
+        started = time.perf_counter()
         try:
             result = job.work(self.pipeline, job)
         except Med3DVLMError as error:
@@ -140,4 +158,5 @@ class JobQueue:
             job.emit("error", message=f"The server failed unexpectedly ({type(error).__name__}); "
                                       "the details are in the server's log.")
         else:
-            job.emit("done", stopped=job.cancel.cancelled, **result)
+            job.emit("done", stopped=job.cancel.cancelled, model=self.model(),
+                     seconds=round(time.perf_counter() - started, 3), **result)

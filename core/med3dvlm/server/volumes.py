@@ -48,9 +48,11 @@ class VolumeStore:
         self.max_bytes = max_bytes
         self._volumes: OrderedDict[str, Volume] = OrderedDict()
         self._lock = threading.Lock()
+        self.uploads = 0  # volumes received, for operators and tests: a follow-up question adds none
 
     def put(self, digest: str, volume: Volume) -> None:
         with self._lock:
+            self.uploads += 1
             self._volumes[digest] = volume
             self._volumes.move_to_end(digest)
             while len(self._volumes) > 1 and sum(v.array.nbytes for v in self._volumes.values()) > self.max_bytes:

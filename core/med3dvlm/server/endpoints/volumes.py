@@ -10,11 +10,12 @@ from pydantic import BaseModel, Field
 from ...errors import VolumeError
 from ...readers import read_volume
 from ..auth import require_token
+from ..config import human_size
 from ..protocol import VOLUME_HEADER, is_digest, parse_header, volume_digest, voxel_bytes
 from ..volumes import UploadError, decode_upload
 
 router = APIRouter(dependencies=[Depends(require_token)])
-GiB = float(1 << 30)
+UPLOAD_SLACK = 1 << 16  # deflate may make incompressible voxels a little larger
 
 
 @router.get("/volumes/{digest}")
@@ -33,10 +34,11 @@ async def upload(digest: str, request: Request) -> dict:
     except ValueError as error:
         raise HTTPException(400, str(error)) from None
     size, limit = voxel_bytes(header), request.app.state.config.max_volume_bytes
-    if size > limit:
+    sent = int(request.headers["content-length"])  # present: the BodyLimit middleware requires it
+    if max(size, sent - UPLOAD_SLACK) > limit:
         raise HTTPException(413, f"The volume ({' x '.join(map(str, header['shape']))} {header['dtype']}, "
-                                 f"{size / GiB:.2f} GiB) is larger than this server's {limit / GiB:.2f} GiB limit; "
-                                 "crop or downsample it.")
+                                 f"{human_size(max(size, sent))}) is larger than this server's {human_size(limit)} "
+                                 "limit; crop or downsample it.")
     encoding = request.headers.get("content-encoding", "identity")
     if encoding not in ("identity", "deflate"):
         raise HTTPException(415, f"Content-Encoding {encoding!r} is not accepted; send identity or deflate.")
