@@ -54,3 +54,18 @@ def start_server(folder: Path, *args: str, standin: bool = True, token: str | No
             raise RuntimeError(f"the server did not start:\n{log.read_text()}")
         time.sleep(0.05)
     return ServerProcess(json.loads(ready.read_text())["url"], process, log)
+
+
+def standin_command(**standin):
+    """A ``server_command`` for the Slicer logic: the stand-in server with ``standin`` options
+    (token_delay, report_words, scores {(organ, kind): p}, die_after, load_delay); the model
+    setting must be 'demo' or an existing folder, as with the real server."""
+    def command(settings, ready_file: Path) -> list[str]:
+        args = [sys.executable, str(TESTS / "standin_server.py"), "--ready-file", str(ready_file),
+                "--model", settings.model]
+        for name, value in standin.items():
+            if name == "scores":
+                value = json.dumps({f"{organ}|{kind}": p for (organ, kind), p in value.items()})
+            args += [f"--{name.replace('_', '-')}", str(value)]
+        return args
+    return command

@@ -2,8 +2,8 @@
 
 It streams words with a short sleep per token (or, with ``spin=True``, a pure-Python busy loop
 that holds the GIL like a model's Python-side work), honours ``cancel`` within one token, and
-counts how often a new volume content is encoded. The module's logic must not know about it: tests pass
-``standin_loader(...)`` where the logic takes a loader.
+counts how often a new volume content is encoded. It runs behind a real model server process
+(standin_server.py), which the Slicer tests start through ``server_process.standin_command``.
 """
 
 from __future__ import annotations
@@ -11,10 +11,9 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from pathlib import Path
 
 import numpy as np
-from med3dvlm.detection import DetectionResult, LabelScore
+from med3dvlm.detection_result import DetectionResult, LabelScore
 from med3dvlm.errors import Med3DVLMError, ModelError, VolumeError
 
 WORDS = ("no", "focal", "lesion", "is", "seen", "in", "the", "liver", "spleen", "or", "kidneys")
@@ -59,8 +58,9 @@ class StandInPipeline:
 
     def detect(self, volume) -> DetectionResult:
         """``scores`` {(organ, kind): probability} as the real detector reports them, threshold 0.5."""
-        if self.scores is None:
-            raise NotImplementedError("detection")
+        if self.scores is None:  # as the real pipeline of a model without a detector
+            raise ModelError(f"Model {self.model_name} has no MRI abnormality detector; detection needs a "
+                             "'medmap' subfolder with a MedMAP detector.")
         if volume.sequence is None:  # as the real detector: only MRI of a known sequence
             raise VolumeError(f"{volume.name} is not an MRI volume of a known sequence; detection needs MRI.")
         scores = sorted((LabelScore(organ, kind, p, 0.5) for (organ, kind), p in self.scores.items()),
@@ -91,13 +91,3 @@ class StandInPipeline:
         end = time.perf_counter() + self.token_delay
         while time.perf_counter() < end:
             pass
-
-
-def standin_loader(**options):
-    """A loader for the logic: 'demo' and existing folders load, anything else is a ModelError."""
-    def load(settings) -> StandInPipeline:
-        if settings.model != "demo" and not Path(settings.model).is_dir():
-            raise ModelError(f"Model folder {settings.model} does not exist; pass 'demo' or a folder holding "
-                             "config.json and *.safetensors.")
-        return StandInPipeline(**options)
-    return load

@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from med3dvlm.errors import ModelError  # noqa: E402
 from med3dvlm.server.config import ServerConfig, resolve_token  # noqa: E402
 from med3dvlm.server.serve import serve  # noqa: E402
 from slicer_standin import StandInPipeline  # noqa: E402
@@ -28,6 +29,7 @@ def main() -> None:
     parser.add_argument("--die-after", type=int, default=None)
     parser.add_argument("--load-delay", type=float, default=0.0)
     parser.add_argument("--load-error", default=None, help="loading fails with this ModelError message")
+    parser.add_argument("--model", default="demo", help="'demo' or an existing folder, as the real server needs")
     parser.add_argument("--scores", default=None, help='JSON {"organ|kind": probability}')
     parser.add_argument("--max-volume-mb", type=float, default=64)
     parser.add_argument("--max-waiting", type=int, default=32)
@@ -40,8 +42,10 @@ def main() -> None:
 
     def load():
         time.sleep(args.load_delay)
+        if args.model != "demo" and not Path(args.model).is_dir():
+            raise ModelError(f"Model folder {args.model} does not exist; pass 'demo' or a folder holding "
+                             "config.json and *.safetensors.")
         if args.load_error:
-            from med3dvlm.errors import ModelError
             raise ModelError(args.load_error)
         return StandInPipeline(token_delay=args.token_delay, report_words=args.report_words, scores=scores,
                                die_after=args.die_after)

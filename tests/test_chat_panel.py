@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from qtpy.QtCore import QSettings, Qt
 from qtpy.QtWidgets import QApplication
-from slicer_standin import standin_loader
+from server_process import standin_command
 
 from SlicerMed3DVLMLib import text_nodes
 from SlicerMed3DVLMLib.chat_panel import ChatPanel, markdown_to_html
@@ -21,7 +21,7 @@ def chat(qtbot, scene, make_volume, tmp_path):
     enough (10 ms a token) to be caught mid-answer."""
     volume = make_volume(np.arange(6 * 5 * 4, dtype=np.int16).reshape(6, 5, 4), name="CT abdomen")
     store = QSettings(str(tmp_path / "settings.ini"), QSettings.IniFormat)
-    logic = Med3DVLMLogic(scene, loader=standin_loader(token_delay=0.01), store=store)
+    logic = Med3DVLMLogic(scene, server_command=standin_command(token_delay=0.01), store=store)
     panel = ChatPanel()
     qtbot.addWidget(panel)
     ChatController(panel, logic)
@@ -184,12 +184,17 @@ def test_transcript_copy_and_save(qtbot, chat, tmp_path):
 def test_settings_panel_round_trip(chat):
     panel, logic = chat
     values = {"model": "demo", "device": "cpu", "dtype": "float32", "quantization": "4bit", "max_new_tokens": 64,
-              "temperature": 0.3}
+              "temperature": 0.3, "server": "https://gpu.lab.example/med3dvlm"}
     panel.set_settings_values(values)
+    panel.token_edit.setText("secret-token-of-the-lab-server")
     panel.on_apply_settings(panel.settings_values())
     assert logic.settings.device == "cpu" and logic.settings.max_new_tokens == 64
     assert logic.settings.load_arguments()["quantization"] == "4bit"
-    assert logic.settings.temperature == pytest.approx(0.3) and panel.settings_values() == values
+    assert logic.settings.server == "https://gpu.lab.example/med3dvlm" and logic.has_server_token
+    assert "secret" not in repr(logic.settings)  # the token is not a setting
+    assert logic.settings.temperature == pytest.approx(0.3)
+    assert panel.settings_values() == {**values, "token": "secret-token-of-the-lab-server"}
+    assert panel.model_label.text() == "Model: on https://gpu.lab.example/med3dvlm (connects on first use)"
 
 
 def shown_scores(panel: ChatPanel) -> list[tuple[str, ...]]:
@@ -198,11 +203,11 @@ def shown_scores(panel: ChatPanel) -> list[tuple[str, ...]]:
 
 
 def test_detect_button_shows_sorted_scores_for_mri_volumes(qtbot, scene, make_volume, tmp_path):
-    ct = make_volume(np.zeros((6, 5, 4), dtype=np.int16), name="CT abdomen")
-    mr = make_volume(np.ones((6, 5, 4), dtype=np.int16), name="MR T2 abdomen")
+    ct = make_volume(np.arange(120, dtype=np.int16).reshape(6, 5, 4), name="CT abdomen")
+    mr = make_volume(np.arange(120, dtype=np.int16).reshape(6, 5, 4) + 1, name="MR T2 abdomen")
     scores = {("liver", "cyst"): 0.12, ("spleen", "mass"): 0.91, ("left kidney", "cyst"): 0.55}
     store = QSettings(str(tmp_path / "settings.ini"), QSettings.IniFormat)
-    logic = Med3DVLMLogic(scene, loader=standin_loader(scores=scores), store=store)
+    logic = Med3DVLMLogic(scene, server_command=standin_command(scores=scores), store=store)
     panel = ChatPanel()
     qtbot.addWidget(panel)
     ChatController(panel, logic)

@@ -1,5 +1,7 @@
-"""The Slicer module's logic on real MRML (slicer-core): volume conversion, streaming into text
-nodes, abnormality score tables, stop, busy, scene save/reload, bad inputs, clean shutdown."""
+"""The Slicer module's logic on real MRML (slicer-core) against a real model server process (the
+stand-in model behind the package's own server, on loopback): volume conversion, streaming into
+text nodes, abnormality score tables, stop, busy, scene save/reload, bad inputs, a server that
+dies, a remote server with a token, clean shutdown."""
 
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 from med3dvlm.errors import Med3DVLMError, ModelError, VolumeError
-from slicer_standin import standin_loader
+from med3dvlm.client import tasks
+from med3dvlm.client.transport import run
+from server_process import standin_command, start_server
 
 from SlicerMed3DVLMLib import score_table, text_nodes
 from SlicerMed3DVLMLib.logic import BusyError, Med3DVLMLogic
@@ -64,31 +68,22 @@ class Recorder:
 
 
 @pytest.fixture
-def pipelines():
-    return []
-
-
-@pytest.fixture
-def make_logic(scene, pipelines):
+def make_logic(scene):
     made = []
 
-    def make(target_scene=None, store=None, gate: threading.Event | None = None, **standin):
-        """A logic on the stand-in; with ``gate``, loading the model waits until the gate opens."""
-        base = standin_loader(**standin)
-
-        def load(settings):
-            if gate is not None:
-                assert gate.wait(5)
-            pipelines.append(base(settings))
-            return pipelines[-1]
-
-        logic = Med3DVLMLogic(target_scene or scene, loader=load, store=store)
+    def make(target_scene=None, store=None, **standin):
+        """A logic whose local server is the stand-in model with ``standin`` options."""
+        logic = Med3DVLMLogic(target_scene or scene, store=store, server_command=standin_command(**standin))
         made.append(logic)
         return logic
 
     yield make
     for logic in made:
         assert logic.shutdown(timeout=5)
+
+
+def server_info(logic) -> dict:
+    return run(tasks.get_json(logic.local_server.poll(), "/info"))
 
 
 # ----- volume node -> Volume ---------------------------------------------------------------------
@@ -174,17 +169,19 @@ def test_report_streams_into_text_node_on_main_thread(qtbot, make_logic, make_vo
     node = recorder.node
     assert node.GetText() == text and node.GetAttribute(text_nodes.STATUS) == "complete"
     assert node.GetNodeReferenceID(text_nodes.REPORT_ROLE) == volume.GetID()
-    assert [s.stage for s in recorder.statuses][:2] == ["loading", "encoding"]
+    stages = [s.stage for s in recorder.statuses]
+    assert stages[0] == "starting" and stages.index("encoding") < stages.index("generating")
     assert recorder.statuses[-1].stage == "done" and recorder.statuses[-1].tokens == 24
     assert logic.model_is_loaded and not logic.busy
 
 
-def test_blocking_calls_share_one_encoding_and_keep_history(make_logic, make_volume, pipelines):
+def test_blocking_calls_send_the_volume_once_and_keep_history(make_logic, make_volume):
     logic, volume = make_logic(), make_volume(coded_array())
     report = logic.generate_report(volume)
+    server = logic.local_server.process
     assert logic.ask(volume, "Is the liver normal?") == "Answer #1: Is the liver normal?"
     assert logic.ask(volume.GetID(), "  And the spleen? ") == "Answer #2: And the spleen?"
-    assert len(pipelines) == 1 and pipelines[0].encode_calls == 1
+    assert server_info(logic)["uploads"] == 1 and logic.local_server.process is server  # one server, reused
     conversation = text_nodes.active_conversation(logic.scene, volume)
     turns = text_nodes.get_turns(conversation)
     assert [t.role for t in turns] == ["user", "model"] * 2
@@ -205,12 +202,11 @@ def test_stop_keeps_the_partial_answer(qtbot, make_logic, make_volume):
 
 
 def test_stop_while_the_model_loads_leaves_nothing_behind(qtbot, make_logic, make_volume):
-    loading = threading.Event()
-    logic, volume = make_logic(gate=loading), make_volume(coded_array())
+    logic, volume = make_logic(load_delay=2), make_volume(coded_array())
     recorder = Recorder()
     logic.generate_report(volume, **recorder.callbacks())
+    qtbot.waitUntil(lambda: "loading" in [s.stage for s in recorder.statuses], timeout=10000)
     assert logic.cancel()
-    loading.set()
     qtbot.waitUntil(lambda: recorder.result is not None, timeout=5000)
     assert recorder.result.stopped and recorder.result.text == "" and recorder.tokens == []
     assert logic.records(volume) == [] and not logic.cancel()
@@ -255,7 +251,7 @@ def test_missing_model_folder_is_a_clear_error_and_leaves_no_node(qtbot, make_lo
     logic, volume = make_logic(), make_volume(coded_array())
     missing = tmp_path / "no-such-model"
     logic.update_settings(model=str(missing))
-    with pytest.raises(ModelError, match="does not exist"):
+    with pytest.raises(Med3DVLMError, match="does not exist"):
         logic.generate_report(volume)
     recorder = Recorder()
     logic.ask(volume, "Hello?", **recorder.callbacks())
@@ -287,7 +283,7 @@ def tables(scene) -> list:
 
 def test_detection_not_available_or_recorded(scene, make_logic, make_volume):
     logic, volume = make_logic(), make_volume(coded_array(), name="MR T2 abdomen")
-    with pytest.raises(Med3DVLMError, match="cannot do abnormality detection"):
+    with pytest.raises(Med3DVLMError, match="has no MRI abnormality detector"):
         logic.detect(volume)
     assert logic.records(volume) == [] and tables(scene) == []
     scored = make_logic(scores={("liver", "mass"): 0.91, ("left kidney", "cyst"): 0.12})
@@ -322,7 +318,7 @@ def test_failed_detection_keeps_the_earlier_scores(make_logic, make_volume):
     make_logic(scores=MR_SCORES).detect(mr)
     logic = make_logic()  # a model without a detector
     before = logic.abnormality_scores(mr)
-    with pytest.raises(Med3DVLMError, match="cannot do abnormality detection"):
+    with pytest.raises(Med3DVLMError, match="has no MRI abnormality detector"):
         logic.detect(mr)
     assert logic.abnormality_scores(mr) == before and len(before.rows) == 3
 
@@ -364,16 +360,64 @@ def test_closing_the_scene_stops_generation(qtbot, scene, make_logic, make_volum
     assert scene.GetNumberOfNodesByClass("vtkMRMLTextNode") == 0
 
 
-def test_shutdown_during_generation_leaves_no_thread(qtbot, make_logic, make_volume):
+def test_shutdown_during_generation_stops_the_server(qtbot, make_logic, make_volume):
     logic, volume = make_logic(token_delay=0.02), make_volume(coded_array())
     recorder = Recorder()
     logic.generate_report(volume, **recorder.callbacks())
     qtbot.waitUntil(lambda: len(recorder.tokens) > 0, timeout=5000)
-    thread = logic.worker_thread
-    assert thread.is_alive()
+    process = logic.local_server.process
     assert logic.shutdown(timeout=2)
-    assert not thread.is_alive() and thread not in threading.enumerate()
-    assert not logic.busy
+    assert process.poll() is not None and not logic.busy
+
+
+def test_a_server_that_dies_mid_answer_keeps_what_arrived_and_restarts(qtbot, make_logic, make_volume):
+    logic, volume = make_logic(die_after=5, token_delay=0.01), make_volume(coded_array())
+    recorder = Recorder()
+    node = logic.generate_report(volume, **recorder.callbacks())
+    qtbot.waitUntil(lambda: recorder.result is not None, timeout=10000)
+    result = recorder.result
+    assert result.restart and result.error.startswith("The model server stopped (exit code 3)")
+    assert result.error.endswith("press Restart to start it again.") and result.error.count(".") == 1
+    assert len(recorder.tokens) == 5 and node.GetText() == "".join(recorder.tokens)  # what arrived is kept
+    assert node.GetAttribute(text_nodes.STATUS) == "failed" and not logic.busy
+    logic.restart_server()
+    assert logic.ask(volume, "Hi?") == "Answer #1: Hi?"  # 3 tokens: the fresh server survives them
+
+
+def test_changed_settings_restart_the_local_server(make_logic, make_volume, tmp_path):
+    logic, volume = make_logic(), make_volume(coded_array())
+    logic.ask(volume, "One?")
+    first = logic.local_server.process
+    assert logic.model_is_loaded and logic.loaded_model == "stand-in (cpu, float32)"
+    logic.update_settings(max_new_tokens=10)  # generation only: the server stays
+    assert logic.local_server.process is first and logic.model_is_loaded
+    logic.update_settings(model=str(tmp_path))  # another model: a new server with the next request
+    assert first.poll() is not None and not logic.model_is_loaded
+    logic.ask(volume, "Two?")
+    assert logic.local_server.process is not first
+
+
+def test_a_remote_server_needs_its_token_which_is_never_stored(tmp_path, make_logic, make_volume):
+    from qtpy.QtCore import QSettings
+
+    token = "remote-test-token-0123456789abcdef"
+    remote = start_server(tmp_path / "remote", "--host", "0.0.0.0", token=token)
+    try:
+        store = QSettings(str(tmp_path / "settings.ini"), QSettings.IniFormat)
+        logic, volume = make_logic(store=store), make_volume(coded_array())
+        logic.set_server_token(None)
+        logic.update_settings(server=remote.url.replace("0.0.0.0", "127.0.0.1"))
+        with pytest.raises(Med3DVLMError, match="needs its access token"):
+            logic.ask(volume, "Hello?")
+        logic.set_server_token(token)
+        assert logic.ask(volume, "Hello?") == "Answer #1: Hello?"
+        assert logic.local_server.process is None  # nothing started on this computer
+        assert logic.loaded_model.startswith("stand-in (cpu, float32) at 127.0.0.1:")
+        store.sync()
+        assert token not in (tmp_path / "settings.ini").read_text()
+        assert all(token not in (n.GetText() or "") for n in logic.records(volume))
+    finally:
+        remote.stop()
 
 
 def test_settings_persist_in_the_store(tmp_path, make_logic):
@@ -391,6 +435,8 @@ def test_settings_persist_in_the_store(tmp_path, make_logic):
                                          "quantization": "4bit"}
     assert Settings().load_arguments()["quantization"] is None  # the default loads unquantized
     assert settings.generation() == {"max_new_tokens": 128, "do_sample": True, "temperature": 0.7}
+    with pytest.raises(ValueError, match="must start with http"):
+        make_logic().update_settings(server="gpu-box:8000")
     reread.setValue("Med3DVLM/device", "quantum")  # a bad hand-edited value falls back to the default
     assert make_logic(store=reread).settings.device == "auto"
     with pytest.raises(ValueError, match="device must be one of"):
@@ -419,7 +465,7 @@ def test_extension_metadata_and_module_files_agree():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    entry = json.loads((root / "SlicerMed3DVLM.json").read_text())
+    entry = json.loads((root / "Med3DVLM.json").read_text())
     assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.2.json#")
     assert set(entry) <= {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
                           "dicom_support_rule", "build_subdirectory", "enabled", "tier"}

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from .qtcompat import (
     QAbstractItemView, QApplication, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout,
-    QHeaderView, QLabel, QPlainTextEdit, QProgressBar, QPushButton, QSpinBox, Qt, QTableWidget,
+    QHeaderView, QLabel, QLineEdit, QPlainTextEdit, QProgressBar, QPushButton, QSpinBox, Qt, QTableWidget,
     QTableWidgetItem, QTextBrowser, QTextCursor, QVBoxLayout, QWidget, prop,
 )
 from .settings import DEVICES, PRECISIONS, QUANTIZATIONS
@@ -111,6 +111,7 @@ class ChatPanel(QWidget):
         self.on_clear: Callable[[], None] | None = None
         self.on_volume_changed: Callable[[], None] | None = None
         self.on_apply_settings: Callable[[dict], None] | None = None
+        self.on_restart: Callable[[], None] | None = None
         self.turns: list[Turn] = []
         self.transcript_title = "Med3DVLM conversation"
         self._streaming = False
@@ -150,12 +151,17 @@ class ChatPanel(QWidget):
         layout.addLayout(buttons)
         status = QHBoxLayout()
         self.status_label = QLabel("Ready.")
+        self.status_label.setWordWrap(True)
         self.progress = QProgressBar()
         self.progress.setMaximumWidth(120)
         self.progress.setTextVisible(False)
         self.progress.setVisible(False)
+        self.restart_button = self._button("Restart", lambda: self._call(self.on_restart))
+        self.restart_button.setToolTip("Start the model server again (or reconnect to the remote one)")
+        self.restart_button.setVisible(False)
         status.addWidget(self.status_label, 1)
         status.addWidget(self.progress)
+        status.addWidget(self.restart_button)
         layout.addLayout(status)
         self.settings_toggle = self._button("Settings ▸", self._toggle_settings)
         layout.addWidget(self.settings_toggle)
@@ -222,6 +228,15 @@ class ChatPanel(QWidget):
         self.temperature_spin.setSingleStep(0.1)
         self.temperature_spin.setToolTip("0 = deterministic (greedy) answers")
         form.addRow("Temperature:", self.temperature_spin)
+        self.server_edit = QLineEdit()
+        self.server_edit.setPlaceholderText("this computer (a local server)")
+        self.server_edit.setToolTip("A remote model server, e.g. https://gpu.lab.example/med3dvlm (med3dvlm serve); "
+                                    "empty: the module runs its own server on this computer")
+        form.addRow("Server:", self.server_edit)
+        self.token_edit = QLineEdit()
+        self.token_edit.setEchoMode(QLineEdit.Password)
+        self.token_edit.setPlaceholderText("the remote server's access token (kept for this session only)")
+        form.addRow("Token:", self.token_edit)
         form.addRow("", self._button("Apply", lambda: self._call(self.on_apply_settings, self.settings_values())))
         return box
 
@@ -281,8 +296,10 @@ class ChatPanel(QWidget):
         if at_end:
             self._scroll_to_end()
 
-    def show_error(self, message: str) -> None:
-        """A message in the conversation (not stored) and in the status line."""
+    def show_error(self, message: str, restart: bool = False) -> None:
+        """A message in the conversation (not stored) and in the status line; with ``restart``,
+        the Restart button (the model server stopped or cannot be reached)."""
+        self.restart_button.setVisible(restart)
         error = Turn("error", message, now())
         if self._streaming:  # keep the answer being streamed last
             self.show_turns(self.turns[:-1] + [error, self.turns[-1]], streaming=True)
@@ -387,7 +404,9 @@ class ChatPanel(QWidget):
                 "dtype": PRECISIONS[prop(self.dtype_combo, "currentIndex")],
                 "quantization": QUANTIZATIONS[prop(self.quantization_combo, "currentIndex")],
                 "max_new_tokens": prop(self.tokens_spin, "value"),
-                "temperature": round(prop(self.temperature_spin, "value"), 2)}
+                "temperature": round(prop(self.temperature_spin, "value"), 2),
+                "server": prop(self.server_edit, "text").strip(),
+                "token": prop(self.token_edit, "text").strip()}
 
     def set_settings_values(self, values: dict) -> None:
         self.model_edit.setEditText(str(values["model"]))
@@ -396,3 +415,4 @@ class ChatPanel(QWidget):
         self.quantization_combo.setCurrentIndex(QUANTIZATIONS.index(values["quantization"]))
         self.tokens_spin.setValue(int(values["max_new_tokens"]))
         self.temperature_spin.setValue(float(values["temperature"]))
+        self.server_edit.setText(str(values.get("server", "")))  # the token is never filled in from settings

@@ -28,6 +28,7 @@ class ChatController:
         panel.on_clear = self.clear
         panel.on_volume_changed = self.show_volume
         panel.on_apply_settings = self.apply_settings
+        panel.on_restart = self.restart
         if panel.owns_selector:
             logic.add_volumes_listener(self.refresh_volumes)
             self.refresh_volumes()
@@ -88,7 +89,7 @@ class ChatController:
             self.panel.show_turns(self.logic.session_turns(volume))
             self.panel.show_scores(self.logic.abnormality_scores(volume))
             if result.error:
-                self.panel.show_error(result.error)
+                self.panel.show_error(result.error, restart=result.restart)
 
     def clear(self) -> None:
         try:
@@ -99,21 +100,38 @@ class ChatController:
         self.panel.show_turns([])
         self.panel.set_status("Chat cleared; earlier reports and conversations stay in the scene.")
 
+    def restart(self) -> None:
+        try:
+            self.logic.restart_server()
+        except Med3DVLMError as error:
+            self.panel.show_error(str(error))
+            return
+        self.panel.restart_button.setVisible(False)
+        self.update_model_label()
+        self.panel.set_status("Reconnecting to the model server…" if self.logic.settings.server
+                              else "Starting the model server again…")
+
     def apply_settings(self, values: dict) -> None:
-        before = self.logic.settings.load_key
+        values = dict(values)
+        token = values.pop("token", "")
+        before = (self.logic.settings.load_key, self.logic.settings.server)
         try:
             settings = self.logic.update_settings(**values)
         except (TypeError, ValueError) as error:
             self.panel.show_error(f"Settings not applied: {error}.")
             return
+        if token or not settings.server:
+            self.logic.set_server_token(token or None)  # memory only
         self.panel.set_settings_values(asdict(settings))
         self.update_model_label()
-        reload = settings.load_key != before
+        reload = (settings.load_key, settings.server) != before
         self.panel.set_status("Settings saved" + ("; the model loads with the next request." if reload else "."))
 
     def update_model_label(self) -> None:
         if self.logic.model_is_loaded:
             text = f"Model: {self.logic.loaded_model}"
+        elif self.logic.settings.server:
+            text = f"Model: on {self.logic.settings.server} (connects on first use)"
         else:
             text = f"Model: {self.logic.settings.model} (loads on first use)"
         self.panel.set_model_label(text)

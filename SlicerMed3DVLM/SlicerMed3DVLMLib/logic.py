@@ -6,31 +6,35 @@
               on_done=lambda result: print(result.text))            # callbacks run on the main thread
     scores = logic.detect(mri_node)                                 # {label: probability}, kept as a table
 
-One request at a time: a second one while the first runs is refused with ``BusyError`` (not
-queued, so that nothing runs that the user has forgotten about). The model loads lazily on the
-worker thread; MRML nodes are read and written only here, on the main thread. No Qt or CTK in
-this file: the worker's QTimer is the only Qt it relies on, and blocking calls need none.
+No model code runs in Slicer's interpreter: requests go to a model server (the module's own local
+one, started on first use with Slicer's Python, or a remote one from the settings), driven from a
+timer on the main thread (see server_link). One request at a time: a second one while the first
+runs is refused with ``BusyError`` (not queued, so that nothing runs that the user has forgotten
+about). MRML nodes are read and written only here, on the main thread.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from med3dvlm.client.transport import Server
+from med3dvlm.detection_result import DetectionResult
 from med3dvlm.errors import Med3DVLMError
 
 from . import score_table, text_nodes
+from .local_server import Command, LocalServer, ServerFailure, serve_command
+from .server_link import Request, ServerLink
 from .settings import Settings, SettingsStore, load_settings, save_settings
 from .transcript import Turn, now, qa_pairs
-from .volume_node import DicomLookup, volume_from_node
-from .worker import Job, Worker
+from .volume_node import DicomLookup, volume_from_node, volume_state
 
 log = logging.getLogger(__name__)
 
-Loader = Callable[[Settings], Any]  # settings -> pipeline (report, ask, detect, encode, model_name)
 REQUEST_TEXT = {"report": "Generate a report", "findings": "Detect abnormalities"}
 ROLE_OF = {"report": text_nodes.REPORT_ROLE, "answer": text_nodes.CONVERSATION_ROLE,
            "findings": text_nodes.FINDINGS_ROLE}
@@ -49,76 +53,69 @@ class Result:
     scores: dict[str, float] | None = None
     stopped: bool = False
     error: str | None = None  # a sentence for the user when the request failed
+    restart: bool = False  # the server died or could not be reached: offer Restart
 
 
 @dataclass
 class Status:
-    stage: str  # loading, encoding, generating, done, stopped, failed
+    stage: str  # starting, loading, queued, encoding, generating, done, stopped, failed
     message: str
     tokens: int = 0
     max_tokens: int = 0
 
 
-def default_loader(settings: Settings):
-    from med3dvlm.pipeline import load  # imports torch: only on the worker thread, on first use
-
-    return load(**settings.load_arguments())
-
-
 def user_message(error: BaseException, kind: str, model: str) -> str:
     if isinstance(error, Med3DVLMError):
         return str(error)
-    if isinstance(error, NotImplementedError):
-        return f"The model '{model}' cannot do {WHAT[kind]} yet."
     if isinstance(error, MemoryError):
         return f"Not enough memory for {WHAT[kind]}; close other programs or choose the CPU or a smaller model."
     return (f"Unexpected error during {WHAT[kind]} ({type(error).__name__}: {error}); "
             "the details are in the Python console.")
 
 
-def _describe(pipeline, settings: Settings) -> str:
-    """'demo (cpu, float32)': the model in use, with the device and precision it really got
-    ('demo (cuda, bfloat16, LM 4bit)' with a quantized language model)."""
-    device = getattr(pipeline, "device", settings.device)
-    dtype = str(getattr(pipeline, "dtype", settings.dtype)).replace("torch.", "")
-    quantization = getattr(pipeline, "quantization", None)
-    quantized = f", LM {quantization}" if quantization else ""
-    return f"{pipeline.model_name} ({device}, {dtype}{quantized})"
+def describe_model(model: dict, remote: Server | None) -> str:
+    """'demo (cpu, float32)': the model that answered, with the device and precision it really got
+    ('... LM 4bit' with a quantized language model, '... at gpu-box:8000' on a remote server)."""
+    quantized = f", LM {model['quantization']}" if model.get("quantization") else ""
+    where = f" at {remote.host}:{remote.port}" if remote is not None else ""
+    return f"{model['name']} ({model['device']}, {model['dtype']}{quantized}){where}"
 
 
 class _Request:
-    """State of the running request, owned by the main thread (``tokens`` is counted by the worker)."""
+    """State of the running request, owned by the main thread."""
 
     def __init__(self, kind: str, volume, node, turns: list[Turn], callbacks: dict, max_tokens: int,
                  model: str) -> None:
         self.kind, self.volume, self.node, self.turns, self.callbacks = kind, volume, node, turns, callbacks
         self.max_tokens, self.model = max_tokens, model
-        self.tokens = 0  # counted, and the two times below taken, on the worker thread
-        self.started = 0.0
+        self.tokens = 0
+        self.started = 0.0  # when generation started, for the token rate
         self.last_token = 0.0
         self.detached = False  # the scene closed: stop writing into it
         self.result = Result(kind, node_id=node.GetID())
         self.exception: BaseException | None = None
-        self.job: Job | None = None
+        self.link_request: Request | None = None
 
 
 class Med3DVLMLogic:
-    def __init__(self, scene, *, loader: Loader = default_loader, store: SettingsStore | None = None,
-                 dicom_lookup: DicomLookup | None = None, poll_ms: int = 15) -> None:
+    def __init__(self, scene, *, store: SettingsStore | None = None, dicom_lookup: DicomLookup | None = None,
+                 poll_ms: int = 15, server_command: Command = serve_command) -> None:
+        """``server_command(settings, ready_file)`` is the command line of the local model server
+        (default: ``med3dvlm serve`` with Slicer's Python)."""
         self.scene = scene
-        self._loader = loader
         self._store = store
         self._settings = load_settings(store)
+        self._token = os.environ.get("MED3DVLM_TOKEN") or None  # for a remote server; never stored
         self._dicom_lookup = dicom_lookup
-        self._worker = Worker(poll_ms)
-        self._pipeline = None  # touched only on the worker thread
-        self._pipeline_key: tuple | None = None
-        self.loaded_model: str | None = None  # "name (device, precision)" of the loaded model
+        self._link = ServerLink(LocalServer(server_command), poll_ms)
+        self.loaded_model: str | None = None  # "name (device, precision)" of the model that last answered
+        self._loaded_key: tuple | None = None
         self._request: _Request | None = None
         self._volume_listeners: list[Callable[[], None]] = []
         self._observers = [scene.AddObserver(scene.StartCloseEvent, self._on_scene_start_close)]
         for event in (scene.NodeAddedEvent, scene.NodeRemovedEvent, scene.EndCloseEvent, scene.EndImportEvent):
             self._observers.append(scene.AddObserver(event, self._on_scene_changed))
+        self._configure()
 
     # ----- settings and state ---------------------------------------------------------------
     @property
@@ -126,44 +123,67 @@ class Med3DVLMLogic:
         return self._settings
 
     def update_settings(self, **changes: Any) -> Settings:
-        """Change and store settings; a new model, device or precision loads on the next request."""
+        """Change and store settings; a new model, device, precision or server applies to the next
+        request (the local server restarts with it)."""
         self._settings = self._settings.updated(**changes)
         save_settings(self._store, self._settings)
+        self._configure()
         return self._settings
+
+    def set_server_token(self, token: str | None) -> None:
+        """The remote server's access token, kept in memory only (never in settings or the scene)."""
+        self._token = (token or "").strip() or None
+        self._configure()
+
+    @property
+    def has_server_token(self) -> bool:
+        return self._token is not None
+
+    def _configure(self) -> None:
+        url = self._settings.server
+        self._link.configure(self._settings, Server(url, self._token) if url else None)
+
+    @property
+    def _server_key(self) -> tuple:
+        return self._settings.load_key, self._settings.server
 
     @property
     def busy(self) -> bool:
-        return self._worker.busy
+        return self._link.busy
 
     @property
     def model_is_loaded(self) -> bool:
-        """True when the model of the current settings is in memory (the next request starts at once)."""
-        return self._pipeline is not None and self._pipeline_key == self._settings.load_key
+        """True when the model of the current settings has answered (the next request starts at once)."""
+        return self.loaded_model is not None and self._loaded_key == self._server_key
 
     @property
-    def worker_thread(self):
-        return self._worker.thread
+    def local_server(self) -> LocalServer:
+        return self._link.local
 
     def cancel(self) -> bool:
         """Stop the running request (its partial text is kept); False if none runs."""
         busy = self.busy
-        self._worker.cancel()
+        self._link.cancel()
         return busy
 
+    def restart_server(self) -> None:
+        """Start a fresh local server (or reconnect to the remote one) after a failure."""
+        if self._request is not None:
+            raise BusyError("Med3DVLM is still working; press Stop before restarting the server.")
+        self.loaded_model = self._loaded_key = None
+        self._link.restart()
+
     def shutdown(self, timeout: float = 10.0) -> bool:
-        """Stop the worker thread and forget the scene (module closed; the logic is not usable
-        afterwards); True if the thread ended."""
+        """Stop the request and the local server and forget the scene (module closed; the logic is
+        not usable afterwards); True when the server process has ended."""
         for tag in self._observers:
             self.scene.RemoveObserver(tag)
         self._observers = []
         if self._request is not None:
             self._request.detached = True
-        stopped = self._worker.shutdown(timeout)
-        if not stopped:
-            log.warning("Med3DVLM: the model thread did not stop within %.0f s", timeout)
         self._request = None
-        self._pipeline = None
-        return stopped
+        self._link.shutdown()
+        return not self._link.local.running
 
     # ----- requests ---------------------------------------------------------------------------
     def generate_report(self, volume_node, on_token=None, on_done=None, on_status=None):
@@ -184,7 +204,7 @@ class Med3DVLMLogic:
         request = self._start(kind, self._resolve(volume_node), question, callbacks)
         if on_done is not None:
             return request.node
-        self._worker.wait(request.job)
+        self._link.wait(request.link_request)
         if request.exception is not None:
             raise request.exception
         return request.result.scores if kind == "findings" else request.result.text
@@ -200,70 +220,49 @@ class Med3DVLMLogic:
         question = (question or "").strip()
         if kind == "answer" and not question:
             raise Med3DVLMError("The question is empty; type a question about the volume.")
-        volume = volume_from_node(node, self._dicom_lookup)  # VolumeError for no/2D/colour volumes
+        get_volume = self._volume_getter(node)  # VolumeError for no/2D/colour volumes, at once
         settings = self._settings
-        role = ROLE_OF[kind]
         record = text_nodes.active_conversation(self.scene, node) if kind == "answer" else None
         if record is None:
-            record = text_nodes.create_record(self.scene, node, role, settings.model)
+            record = text_nodes.create_record(self.scene, node, ROLE_OF[kind], settings.model)
         earlier = text_nodes.get_turns(record)
         turns = earlier + [Turn("user", question or REQUEST_TEXT[kind], now()), Turn("model", "", now())]
         text_nodes.set_turns(record, turns, status="generating")
         request = _Request(kind, node, record, turns, callbacks, settings.max_new_tokens, settings.model)
-        work = self._work(kind, volume, question, qa_pairs(earlier), settings, request)
+        path, payload = self._payload(kind, question, qa_pairs(earlier), settings)
         self._request = request
-        request.job = self._worker.submit(work, lambda event, payload: self._on_event(request, event, payload))
+        request.link_request = self._link.submit(Request(
+            path, volume_state(node), get_volume, payload,
+            lambda event, value: self._on_event(request, event, value)))
         return request
 
-    def _work(self, kind, volume, question, history, settings: Settings, request: _Request):
-        """The function the worker thread runs: plain Python, no MRML, no Qt."""
-        def count(emit):
-            def on_token(piece: str) -> None:
-                request.tokens += 1
-                request.last_token = time.monotonic()
-                emit("token", piece)
-            return on_token
+    def _volume_getter(self, node) -> Callable:
+        """Copies the voxels now, unless the server knows this very state of the node already (a
+        follow-up question): then only if the server has dropped it meanwhile."""
+        if node is not None and self._link.known_digest(volume_state(node)) is not None:
+            return lambda: volume_from_node(node, self._dicom_lookup)
+        volume = volume_from_node(node, self._dicom_lookup)
+        return lambda: volume
 
-        def generate(emit, cancel):
-            pipeline = self._pipeline_for(settings, emit)
-            if cancel.cancelled:
-                return None
-            if kind == "findings":  # the detector has its own image towers: the VLM encoding is not needed
-                emit("status", "generating")
-                return pipeline.detect(volume)
-            emit("status", "encoding")
-            pipeline.encode(volume)  # cached by the pipeline: instant for a volume seen before
-            if cancel.cancelled:
-                return None
-            request.started = time.monotonic()
-            emit("status", "generating")
-            gen = settings.generation()
-            if kind == "report":
-                return pipeline.report(volume, on_token=count(emit), cancel=cancel, **gen)
-            return pipeline.ask(volume, question, history=history, on_token=count(emit), cancel=cancel, **gen)
-
-        def work(emit, cancel):
-            value = generate(emit, cancel)
-            return value, cancel.cancelled  # stopped only if the stop came before the answer was complete
-
-        return work
-
-    def _pipeline_for(self, settings: Settings, emit):
-        if self._pipeline is None or self._pipeline_key != settings.load_key:
-            self._pipeline = self._pipeline_key = None  # free the old model before loading another
-            emit("status", "loading")
-            self._pipeline = self._loader(settings)
-            self._pipeline_key = settings.load_key
-            emit("loaded", _describe(self._pipeline, settings))
-        return self._pipeline
+    @staticmethod
+    def _payload(kind: str, question: str, history: list, settings: Settings):
+        generation = settings.generation()
+        if kind == "findings":
+            return "/detect", lambda digest: {"volumes": [digest]}
+        if kind == "report":
+            return "/report", lambda digest: {"volume": digest, "generation": generation}
+        return "/ask", lambda digest: {"volume": digest, "question": question,
+                                       "history": [list(turn) for turn in history], "generation": generation}
 
     # ----- events, on the main thread -----------------------------------------------------------
     def _on_event(self, request: _Request, event: str, payload) -> None:
-        if event == "loaded":
-            self.loaded_model = payload
-        elif event == "status":
-            self._notify(request, self._status(request, payload))
+        if event == "status":
+            if payload["stage"] == "generating" and not request.started:
+                request.started = time.monotonic()
+            self._notify(request, self._status(request, payload["stage"], payload.get("position", 0)))
         elif event == "token":
+            request.tokens += 1
+            request.last_token = time.monotonic()
             request.turns[-1].text += payload
             self._write(request, "generating")
             self._call(request.callbacks["token"], payload)
@@ -271,14 +270,17 @@ class Med3DVLMLogic:
         elif event == "done":
             self._finish(request, payload)
         elif event == "error":
-            self._fail(request, *payload)
+            self._fail(request, payload)
 
-    def _status(self, request: _Request, stage: str) -> Status:
+    def _status(self, request: _Request, stage: str, position: int = 0) -> Status:
         end = request.last_token if stage in ("done", "stopped") else time.monotonic()
         elapsed = max(0.0, end - request.started) if request.started else 0.0
         rate = request.tokens / elapsed if elapsed > 0 else 0.0
+        where = f"on {self._settings.server}" if self._settings.server else self._settings.model
         messages = {
-            "loading": f"Loading model {self._settings.model}…",
+            "starting": "Starting the model server…",
+            "loading": f"Loading model {where}…",
+            "queued": f"Waiting for the model: {position} request{'s' * (position > 1)} ahead…",
             "encoding": "Encoding the volume…",
             "generating": f"Generating: {request.tokens} tokens, {rate:.1f} tok/s",
             "done": f"Done: {request.tokens} tokens in {elapsed:.1f} s ({rate:.1f} tok/s)",
@@ -288,13 +290,18 @@ class Med3DVLMLogic:
             messages.update(generating="Scoring abnormalities…", done="Done: abnormality scores ready.")
         return Status(stage, messages[stage], request.tokens, request.max_tokens)
 
-    def _finish(self, request: _Request, outcome: tuple) -> None:
-        value, stopped = outcome
+    def _finish(self, request: _Request, final: dict) -> None:
+        """The server's ``done`` event: the text (or scores), whether it was stopped, which model."""
+        stopped = bool(final.get("stopped"))
         request.result.stopped = stopped
-        if request.kind == "findings" and value:
+        if final.get("model"):
+            self.loaded_model, self._loaded_key = describe_model(final["model"], self._link.remote), self._server_key
+        value = final.get("text", "")
+        if request.kind == "findings" and final.get("detection"):
+            scores = DetectionResult.from_dict(final["detection"])
             if not request.detached and self.scene.IsNodePresent(request.volume):
-                score_table.write_scores(self.scene, request.volume, value, request.model)
-            request.result.scores = dict(value)
+                score_table.write_scores(self.scene, request.volume, scores, request.model)
+            request.result.scores = dict(scores)
             value = "\n".join(f"{name}: {score:.2f}" for name, score in request.result.scores.items())
         text = request.result.text = request.turns[-1].text = value or request.turns[-1].text
         stage = "stopped" if stopped else "done"
@@ -306,12 +313,13 @@ class Med3DVLMLogic:
             self._write(request, "stopped" if stopped else "complete")
         self._end(request, self._status(request, stage))
 
-    def _fail(self, request: _Request, error: BaseException, trace: str) -> None:
+    def _fail(self, request: _Request, error: BaseException) -> None:
         message = user_message(error, request.kind, self._settings.model)
-        if not isinstance(error, (Med3DVLMError, NotImplementedError, MemoryError)):
-            log.error("Med3DVLM: %s\n%s", message, trace)
+        if not isinstance(error, (Med3DVLMError, MemoryError)):
+            log.error("Med3DVLM: %s", message, exc_info=error)
         request.exception = error if isinstance(error, Med3DVLMError) else Med3DVLMError(message)
         request.result.error = message
+        request.result.restart = isinstance(error, ServerFailure)
         if request.turns[-1].text:  # keep what was generated, marked as failed
             request.turns[-1].note = "failed"
             self._write(request, "failed")
@@ -353,7 +361,7 @@ class Med3DVLMLogic:
     def _on_scene_start_close(self, caller=None, event=None) -> None:
         if self._request is not None:
             self._request.detached = True
-            self._worker.cancel()
+            self._link.cancel()
 
     def _on_scene_changed(self, caller=None, event=None) -> None:
         for listener in list(self._volume_listeners):

@@ -26,6 +26,7 @@ QFormLayout = QtWidgets.QFormLayout
 QHBoxLayout = QtWidgets.QHBoxLayout
 QHeaderView = QtWidgets.QHeaderView
 QLabel = QtWidgets.QLabel
+QLineEdit = QtWidgets.QLineEdit
 QPlainTextEdit = QtWidgets.QPlainTextEdit
 QProgressBar = QtWidgets.QProgressBar
 QPushButton = QtWidgets.QPushButton

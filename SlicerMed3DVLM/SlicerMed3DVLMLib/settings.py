@@ -1,4 +1,5 @@
-"""User settings (model, device, precision, quantization, generation limits) kept in application settings.
+"""User settings (model, device, precision, quantization, generation limits, server address) kept
+in application settings; a remote server's token is not a setting: it is never stored.
 
 ``store`` is anything with ``value(key, default)`` and ``setValue(key, value)``: a QSettings in
 Slicer, a QSettings on a temporary file in tests.
@@ -28,6 +29,7 @@ class Settings:
     quantization: str = "none"  # "8bit" / "4bit" fit the 7B model on a 16 GB GPU
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0 = greedy (deterministic)
+    server: str = ""  # a remote model server's URL; empty: the module's own local server
 
     @property
     def load_key(self) -> tuple:
@@ -60,6 +62,10 @@ def _coerce(name: str, value: Any) -> Any:
     if name == "temperature":
         return max(0.0, min(2.0, float(value)))
     value = str(value).strip()
+    if name == "server":
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError(f"the server address must start with http:// or https://, got {value!r}")
+        return value.rstrip("/")
     if name == "device" and value not in DEVICES:
         raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {value!r}")
     if name == "dtype" and value not in PRECISIONS:

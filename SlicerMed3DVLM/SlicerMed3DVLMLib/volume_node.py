@@ -49,6 +49,14 @@ def ijk_to_ras(node) -> np.ndarray:
     return affine
 
 
+def volume_state(node) -> tuple:
+    """Changes whenever what ``volume_from_node`` would return may change (voxels, geometry,
+    attributes, parent transform): a key under which a conversion's result can be remembered."""
+    image, parent = node.GetImageData(), node.GetParentTransformNode()
+    return (node.GetID(), node.GetMTime(), image.GetMTime() if image is not None else 0,
+            parent.GetID() if parent is not None else None, parent.GetMTime() if parent is not None else 0)
+
+
 def voxels(node) -> np.ndarray:
     """A copy of the voxels indexed [i, j, k] (the worker thread must not share Slicer's buffer)."""
     name = node.GetName()

@@ -112,6 +112,14 @@ class Wait:
         return bool(readable or writable)
 
 
+class Pause:
+    """A task has nothing to do until later (it polls something other than a socket)."""
+
+    def ready(self, timeout: float) -> bool:
+        time.sleep(timeout)
+        return False
+
+
 def run(task, poll: float = 0.05, on_wait: Callable[[], None] | None = None):
     """Drive ``task`` to its end, blocking; ``on_wait()`` runs at least every ``poll`` seconds."""
     while True:

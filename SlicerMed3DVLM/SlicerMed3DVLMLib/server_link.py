@@ -1,0 +1,205 @@
+"""Requests to the model server, driven by a QTimer on Slicer's main thread: no Python thread.
+
+Inside Slicer, PythonQt keeps the GIL on the main thread while the event loop idles, so a Python
+worker thread would barely run. Here nothing needs one: the model runs in the server process,
+and each timer tick advances the request's task (:mod:`med3dvlm.client.transport`) for a few
+milliseconds: starting the local server, hashing and sending the volume a chunk at a time, then
+reading whatever tokens the socket holds. Events reach the request's handler on the main thread:
+``status`` (stage: starting, loading, queued, encoding, generating; ``position`` when queued),
+``token``, then ``done`` (the server's final event) or ``error`` (the exception).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from med3dvlm.client import tasks
+from med3dvlm.client.transport import ConnectionLost, Pause, Server, advance
+from med3dvlm.errors import Med3DVLMError
+from med3dvlm.volume import Volume
+
+from .local_server import LocalServer, ServerFailure
+from .settings import Settings
+
+EventHandler = Callable[[str, Any], None]
+TICK_BUDGET = 0.008  # seconds of work per tick: the main thread stays free for rendering
+
+
+class Request:
+    """What to send (``path``, ``payload(digest)``), about which volume, and where events go;
+    ``finished`` turns True on the main thread once ``done`` or ``error`` is delivered."""
+
+    def __init__(self, path: str, volume_key: tuple, get_volume: Callable[[], Volume],
+                 payload: Callable[[str], dict], on_event: EventHandler) -> None:
+        self.path, self.volume_key, self.get_volume, self.payload = path, volume_key, get_volume, payload
+        self.on_event = on_event
+        self.job_id: str | None = None
+        self.stop_requested = False
+        self.finished = False
+        self.task = None
+
+
+class ServerLink:
+    def __init__(self, local: LocalServer | None = None, poll_ms: int = 15) -> None:
+        self.local = local or LocalServer()
+        self.poll_ms = poll_ms
+        self.remote: Server | None = None  # None: the local server
+        self.settings = Settings()
+        self._digests: dict[tuple, str] = {}  # volume node state -> digest the server knows it by
+        self._current: Request | None = None
+        self._side_tasks: list = []  # cancel requests, advanced alongside
+        self._timer = None
+
+    @property
+    def busy(self) -> bool:
+        return self._current is not None
+
+    def configure(self, settings: Settings, remote: Server | None) -> None:
+        """Settings for the next request; a change of model or server stops the local server."""
+        if (settings.load_key, remote) != (self.settings.load_key, self.remote):
+            self.local.stop()
+            self._digests.clear()
+        self.settings, self.remote = settings, remote
+
+    def known_digest(self, volume_key: tuple) -> str | None:
+        return self._digests.get(volume_key)
+
+    def submit(self, request: Request) -> Request:
+        if self._current is not None:
+            raise RuntimeError("a request is running")
+        request.task = self._run(request)
+        self._current = request
+        self._start_timer()
+        return request
+
+    def cancel(self) -> None:
+        """Stop the running request: the server stops within a token and answers ``done`` with
+        what it had; before the job reached the server, the request simply ends."""
+        request = self._current
+        if request is None or request.stop_requested:
+            return
+        request.stop_requested = True
+        if request.job_id is not None:
+            self._side_tasks.append(tasks.cancel_job(self._server_now(), request.job_id))
+        else:
+            request.task.close()  # closes its connection: a job already posted is cancelled by the server
+            self._finish(request, "done", {"event": "done", "stopped": True})
+
+    def pump(self) -> None:
+        """One tick: advance the request (and any cancel) for a few milliseconds."""
+        for side in list(self._side_tasks):
+            try:
+                if advance(side, TICK_BUDGET)[0]:
+                    self._side_tasks.remove(side)
+            except Med3DVLMError:
+                self._side_tasks.remove(side)  # the job stream itself reports what went wrong
+        request = self._current
+        if request is not None:
+            try:
+                finished, value = advance(request.task, TICK_BUDGET)
+            except Exception as error:  # delivered, never raised into Qt's event loop
+                self._finish(request, "error", self._explain(error))
+            else:
+                if finished:
+                    self._finish(request, "done", value)
+        if self._current is None and not self._side_tasks:
+            self._stop_timer()
+
+    def wait(self, request: Request, timeout: float | None = None) -> bool:
+        """Block until ``request`` finished (the Python console's blocking calls); False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not request.finished:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            self.pump()
+            time.sleep(0.002)
+        return True
+
+    def restart(self) -> None:
+        """After a failure: a fresh local server (started now, to be ready sooner), or a reconnect."""
+        self.local.stop()
+        self._digests.clear()
+        if self.remote is None:
+            self.local.start(self.settings)
+
+    def shutdown(self) -> None:
+        if self._current is not None:
+            self._current.task.close()
+            self._current.finished = True
+            self._current = None
+        self._stop_timer()
+        self.local.stop()
+
+    # ----- the request's task -------------------------------------------------------------------
+    def _run(self, request: Request):
+        server = yield from self._server(request)
+        digest = yield from tasks.ensure_volume(server, request.get_volume, self._digests.get(request.volume_key))
+        self._digests[request.volume_key] = digest
+        return (yield from tasks.job(server, request.path, request.payload(digest),
+                                     lambda event: self._on_stream(request, event)))
+
+    def _server(self, request: Request):
+        if self.remote is not None:
+            return self.remote
+        if not self.local.running:
+            request.on_event("status", {"stage": "starting"})
+            self.local.start(self.settings)
+        while (server := self.local.poll()) is None:
+            yield Pause()
+        return server
+
+    def _server_now(self) -> Server:
+        return self.remote or self.local.poll()
+
+    def _on_stream(self, request: Request, event: dict) -> None:
+        kind = event["event"]
+        if kind == "queued":
+            request.job_id = event["id"]
+            if event["position"]:
+                request.on_event("status", {"stage": "queued", "position": event["position"]})
+        elif kind == "status":
+            request.on_event("status", event)
+        elif kind == "token":
+            request.on_event("token", event["text"])
+
+    def _explain(self, error: Exception) -> Exception:
+        """A lost connection to the local server: say whether the server process died."""
+        if isinstance(error, ConnectionLost) and self.remote is None and self.local.process is not None \
+                and self.local.process.poll() is not None:
+            return ServerFailure(self.local.exit_message())
+        if isinstance(error, ConnectionLost):
+            return ServerFailure(f"{str(error).rstrip('.')}; press Restart to reconnect.")
+        return error
+
+    def _finish(self, request: Request, kind: str, payload) -> None:
+        if self._current is request:
+            self._current = None
+        request.finished = True
+        request.on_event(kind, payload)
+
+    def _start_timer(self) -> None:
+        if self._timer is None:
+            self._timer = _make_timer(self.pump)
+        if self._timer is not None:
+            self._timer.start(self.poll_ms)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.stop()
+
+
+def _make_timer(callback: Callable[[], Any]):
+    """A QTimer calling ``callback`` on the main thread, or None without a Qt application
+    (plain Python scripts use the blocking calls, which pump themselves)."""
+    try:
+        from .qtcompat import QCoreApplication, QTimer
+    except ImportError:
+        return None
+    if QCoreApplication.instance() is None:
+        return None
+    timer = QTimer()
+    timer.timeout.connect(callback)
+    return timer
+
