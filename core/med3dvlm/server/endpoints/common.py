@@ -49,9 +49,11 @@ def stream_job(request: Request, kind: str, work: Work) -> StreamingResponse:
 async def _events(job: Job) -> AsyncIterator[bytes]:
     try:
         while True:
-            event = await job.events.get()
-            yield event_line(**event)
-            if event["event"] in ("done", "error"):
+            batch = [await job.events.get()]
+            while batch[-1]["event"] not in ("done", "error") and not job.events.empty():
+                batch.append(job.events.get_nowait())  # tokens that came meanwhile: one write
+            yield b"".join(event_line(**event) for event in batch)
+            if batch[-1]["event"] in ("done", "error"):
                 return
     finally:  # normal end: a no-op; disconnect: Starlette cancels this generator, and the job stops
         job.cancel.cancel()
