@@ -158,7 +158,7 @@ class SlicerMed3DVLMWidget(ScriptedLoadableModuleWidget):
             slicer.util.warningDisplay(demo_notice.NOTICE, windowTitle="Med3DVLM demo model")
 
     def cleanup(self):
-        """Module unloaded (Slicer calls it on exit, from aboutToQuit, and on reload): stop the model."""
+        """Module unloaded (Slicer calls it on exit, from aboutToQuit, and on reload): stop the model server."""
         if self.logic is not None:
             self.logic.shutdown()
 
@@ -171,6 +171,7 @@ class SlicerMed3DVLMLogic(ScriptedLoadableModuleLogic):
         logic.ask(getNode("CTChest"), "Is there a nodule?", on_token=print, on_done=print)
 
     Blocking unless ``on_done`` is given; see SlicerMed3DVLMLib.logic.Med3DVLMLogic for the rest.
+    The model runs in a model server process (the module's own, or a remote one from the settings).
     """
 
     def __init__(self, scene=None):
@@ -180,13 +181,16 @@ class SlicerMed3DVLMLogic(ScriptedLoadableModuleLogic):
 
     @property
     def core(self):
-        """Built on first use: the packages it imports may not be installed when the module opens."""
+        """Built on first use: the packages it imports may not be installed when the module opens.
+        Its model server stops when Slicer quits, also for a logic made in the Python console
+        (which gets no widget cleanup)."""
         if self._core is None:
             _use_embedded_core()
             from SlicerMed3DVLMLib.logic import Med3DVLMLogic
 
             self._core = Med3DVLMLogic(self._scene or slicer.mrmlScene, store=qt.QSettings(),
                                        dicom_lookup=_dicom_lookup)
+            slicer.app.connect("aboutToQuit()", self.shutdown)
         return self._core
 
     def generate_report(self, volume_node, on_token=None, on_done=None, on_status=None):
@@ -200,6 +204,9 @@ class SlicerMed3DVLMLogic(ScriptedLoadableModuleLogic):
 
     def cancel(self):
         return self.core.cancel()
+
+    def restart_server(self):
+        return self.core.restart_server()
 
     def shutdown(self):
         return self._core.shutdown() if self._core is not None else True  # nothing started yet

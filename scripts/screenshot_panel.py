@@ -5,7 +5,8 @@
     python scripts/screenshot_panel.py --standin       # the tests' stand-in model (no weights needed)
     python scripts/screenshot_panel.py --scores        # MRI abnormality scores of the MR sample instead
 
-The panel, logic and scene are the module's own (real MRML, real Qt), outside the Slicer application.
+The panel, logic and scene are the module's own (real MRML, real Qt), outside the Slicer application;
+the model answers from the module's own local model server, as in Slicer.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ QUESTIONS = ("What abnormalities are present?", "What abnormality is seen in the
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="demo", help="'demo' or a model folder")
-    parser.add_argument("--standin", action="store_true", help="use tests/slicer_standin.py instead of a model")
+    parser.add_argument("--standin", action="store_true", help="serve tests/slicer_standin.py instead of a model")
     parser.add_argument("--scores", action="store_true",
                         help="detect abnormalities on the MR sample instead of a report and questions on the CT sample")
     parser.add_argument("--out", help="the PNG (default: docs/panel.png, with --scores docs/panel_scores.png)")
@@ -38,7 +39,8 @@ def main() -> int:
 
     from SlicerMed3DVLMLib.chat_panel import ChatPanel
     from SlicerMed3DVLMLib.controller import ChatController
-    from SlicerMed3DVLMLib.logic import Med3DVLMLogic, default_loader
+    from SlicerMed3DVLMLib.local_server import serve_command
+    from SlicerMed3DVLMLib.logic import Med3DVLMLogic
     from SlicerMed3DVLMLib.volume_node import read_volume_node
 
     app = QApplication.instance() or QApplication([])
@@ -48,12 +50,12 @@ def main() -> int:
     else:
         read_volume_node(scene, str(sample_path("ct_phantom.nii.gz")), "CT sample (phantom)")
     if args.standin:
-        from slicer_standin import standin_loader
+        from server_process import standin_command
 
-        loader = standin_loader(token_delay=0.01)
+        command = standin_command(token_delay=0.01)
     else:
-        loader = default_loader
-    logic = Med3DVLMLogic(scene, loader=loader)
+        command = serve_command
+    logic = Med3DVLMLogic(scene, server_command=command)
     logic.update_settings(model=args.model, max_new_tokens=160)
     panel = ChatPanel()
     panel.resize(560, 780)
