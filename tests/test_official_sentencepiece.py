@@ -210,7 +210,7 @@ def test_generation_stops_at_every_listed_stop_token(family, stop, sp_model, tmp
 def test_sentencepiece_release_needs_its_readers(sp_model, tmp_path, monkeypatch):
     write_slow_tokenizer(tmp_path, sp_model, "phi3")
     monkeypatch.setattr(tokenizer_module, "_importable", lambda name: name != "google.protobuf")
-    with pytest.raises(ModelError, match=r"SentencePiece model \(tokenizer.model\).*pip install sentencepiece protobuf"):
+    with pytest.raises(ModelError, match=r"SentencePiece model \(tokenizer.model\).*pip install sentencepiece protobuf\."):
         tokenizer_module.load_release_tokenizer(tmp_path)
     (tmp_path / "tokenizer.model").unlink()
     with pytest.raises(ModelError, match="no tokenizer \\(tokenizer.json or tokenizer.model\\).*incomplete"):

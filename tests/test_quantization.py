@@ -81,8 +81,12 @@ def test_missing_or_old_bitsandbytes_says_how_to_install(monkeypatch):
         raise PackageNotFoundError(name)
 
     monkeypatch.setattr(med3dvlm.quantization, "version", not_installed)
-    with pytest.raises(Med3DVLMError, match=r"needs the bitsandbytes package: pip install 'med3dvlm\[quant\]'"):
+    with pytest.raises(Med3DVLMError, match=r"needs the bitsandbytes package: pip install 'bitsandbytes>=0.46'\."):
         med3dvlm.load("demo", device="cpu", quantization="4bit")
+    monkeypatch.setenv("MED3DVLM_HOST", "slicer")  # the Slicer module's server: Slicer's own installer
+    with pytest.raises(Med3DVLMError, match=r"console with slicer.util.pip_install\('bitsandbytes>=0.46'\) and restart"):
+        med3dvlm.load("demo", device="cpu", quantization="4bit")
+    monkeypatch.delenv("MED3DVLM_HOST")
     monkeypatch.setattr(med3dvlm.quantization, "version", lambda name: "0.45.5")
     with pytest.raises(Med3DVLMError, match=r"bitsandbytes 0.46 or newer, but 0.45.5 is installed"):
         med3dvlm.load("demo", device="cpu", quantization="8bit")

@@ -22,6 +22,7 @@ from pathlib import Path
 import med3dvlm
 from med3dvlm.client.transport import Server
 from med3dvlm.errors import Med3DVLMError
+from med3dvlm.install_hint import HOST_ENV
 
 from .settings import Settings
 
@@ -79,7 +80,7 @@ class LocalServer:
         self.folder = Path(tempfile.mkdtemp(prefix="med3dvlm-server-"))
         self._token = secrets.token_urlsafe(32)  # other users of this computer can reach loopback ports too
         core = str(Path(med3dvlm.__file__).resolve().parents[1])  # the embedded package, in a source checkout too
-        env = {**os.environ, "MED3DVLM_TOKEN": self._token,
+        env = {**os.environ, "MED3DVLM_TOKEN": self._token, HOST_ENV: "slicer",  # install hints for Slicer
                "PYTHONPATH": os.pathsep.join(filter(None, [core, os.environ.get("PYTHONPATH")]))}
         with open(self.folder / "server.log", "wb") as log:
             self.process = subprocess.Popen(self.command(settings, self.folder / "ready.json"), stdin=subprocess.PIPE,

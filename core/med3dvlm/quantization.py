@@ -23,10 +23,12 @@ import torch
 from torch import nn
 
 from .errors import Med3DVLMError
+from .install_hint import install_hint
 
 MODES = ("4bit", "8bit")
 DEVICES = ("cuda", "cpu")  # bitsandbytes' main backends; its MPS and XPU ones are not offered here
 MIN_BITSANDBYTES = (0, 46)  # 0.45 quantizes on CUDA only; 0.46 also on the CPU
+BITSANDBYTES = "bitsandbytes>=0.46"
 QUANTIZED_PREFIX = "language_model.model.layers."  # decoder layers; their nn.Linear modules are quantized
 NF4_BLOCK = 64  # weights per 4-bit block, each with one absmax scale
 SCALE_BLOCK = 256  # absmax scales per block of the second ("double") quantization, which stores them in 8 bits
@@ -56,10 +58,10 @@ def _check_installed(mode: str) -> None:
         installed = version("bitsandbytes")
     except PackageNotFoundError:
         raise Med3DVLMError(f"{mode} quantization needs the bitsandbytes package: "
-                            "pip install 'med3dvlm[quant]' (or pip install bitsandbytes).") from None
+                            f"{install_hint(BITSANDBYTES)}.") from None
     if _release(installed) < MIN_BITSANDBYTES:
         raise Med3DVLMError(f"{mode} quantization needs bitsandbytes {'.'.join(map(str, MIN_BITSANDBYTES))} "
-                            f"or newer, but {installed} is installed: pip install -U bitsandbytes")
+                            f"or newer, but {installed} is installed: {install_hint(BITSANDBYTES)}.")
 
 
 def _release(text: str) -> tuple[int, ...]:

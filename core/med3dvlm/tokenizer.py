@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from .errors import ModelError
+from .install_hint import install_hint
 from .prompts import IMAGE_TOKEN
 
 EOS_TOKEN = "<|endoftext|>"
@@ -89,7 +90,7 @@ def load_release_tokenizer(folder: str | Path, config=None):
         missing = [name for name in ("sentencepiece", "google.protobuf") if not _importable(name)]
         if missing:
             raise ModelError(f"The tokenizer in {folder} is a SentencePiece model ({SENTENCEPIECE_FILE}); reading it "
-                             "needs: pip install sentencepiece protobuf.")
+                             f"needs sentencepiece and protobuf: {install_hint('sentencepiece', 'protobuf')}.")
         # The slow class that wrote it defaulted to legacy=True when the key is absent; transformers 5 to False.
         options["legacy"] = _tokenizer_config(folder).get("legacy", True)
     try:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ModelError
+from ..install_hint import install_hint
 from ..volume import MR_SEQUENCES
 from .dcformer import DCFormer, DCFormerConfig, stage_tokens
 from .text import TextConfig, build_text_model, encode_text_tokens, text_width
@@ -146,8 +147,8 @@ class SwinBackbone(nn.Module):
                                            window_size=(SWIN_WINDOW,) * 3, patch_size=(2, 2, 2),
                                            depths=SWIN_DEPTHS, num_heads=SWIN_HEADS)
         except ImportError as error:
-            raise ModelError(f"The 'swin' MedMAP backbone needs MONAI and einops ({error}); install them with "
-                             "'pip install monai einops' or use backbone='dcformer'.") from error
+            raise ModelError(f"The 'swin' MedMAP backbone needs MONAI and einops ({error}): "
+                             f"{install_hint('monai', 'einops')}, or use backbone='dcformer'.") from error
         self.channels = tuple(feature_size * 2 ** i for i in range(5))
 
     def forward(self, x: Tensor) -> list[Tensor]:
