@@ -236,3 +236,25 @@ def test_detect_button_shows_sorted_scores_for_mri_volumes(qtbot, scene, make_vo
     select(mr)  # read back from the scene's table node
     assert shown_scores(panel)[0] == ("spleen", "mass", "0.91", "0.50", "yes")
     assert logic.shutdown(timeout=5)
+
+
+def test_a_server_that_dies_mid_answer_shows_a_sentence_and_restart(qtbot, scene, make_volume, tmp_path):
+    volume = make_volume(np.arange(6 * 5 * 4, dtype=np.int16).reshape(6, 5, 4), name="CT abdomen")
+    store = QSettings(str(tmp_path / "settings.ini"), QSettings.IniFormat)
+    logic = Med3DVLMLogic(scene, server_command=standin_command(die_after=5, token_delay=0.01), store=store)
+    panel = ChatPanel()
+    qtbot.addWidget(panel)
+    ChatController(panel, logic)
+    assert panel.restart_button.isHidden()
+    qtbot.mouseClick(panel.report_button, Qt.LeftButton)
+    wait_idle(qtbot, logic)
+    errors = [t.text for t in panel.turns if t.role == "error"]
+    assert len(errors) == 1 and errors[0].startswith("The model server stopped (exit code 3)")
+    assert not panel.restart_button.isHidden() and panel.report_button.isEnabled()
+    (report,) = text_nodes.records(scene, volume, text_nodes.REPORT_ROLE)
+    assert len(report.GetText().split()) == 5  # what arrived before the crash is kept
+    qtbot.mouseClick(panel.restart_button, Qt.LeftButton)
+    assert panel.restart_button.isHidden() and "Starting the model server again" in panel.status_label.text()
+    panel.on_send("Still there?")
+    qtbot.waitUntil(lambda: "Answer #1: Still there?" in view_text(panel), timeout=10000)
+    assert logic.shutdown(timeout=5)

@@ -384,14 +384,19 @@ def test_a_server_that_dies_mid_answer_keeps_what_arrived_and_restarts(qtbot, ma
     assert logic.ask(volume, "Hi?") == "Answer #1: Hi?"  # 3 tokens: the fresh server survives them
 
 
-def test_changed_settings_restart_the_local_server(make_logic, make_volume, tmp_path):
-    logic, volume = make_logic(), make_volume(coded_array())
+def test_changed_settings_restart_the_local_server(qtbot, make_logic, make_volume, tmp_path):
+    logic, volume = make_logic(token_delay=0.02), make_volume(coded_array())
     logic.ask(volume, "One?")
     first = logic.local_server.process
     assert logic.model_is_loaded and logic.loaded_model == "stand-in (cpu, float32)"
     logic.update_settings(max_new_tokens=10)  # generation only: the server stays
     assert logic.local_server.process is first and logic.model_is_loaded
-    logic.update_settings(model=str(tmp_path))  # another model: a new server with the next request
+    recorder = Recorder()
+    logic.generate_report(volume, **recorder.callbacks())
+    qtbot.waitUntil(lambda: len(recorder.tokens) > 0, timeout=5000)
+    logic.update_settings(model=str(tmp_path))  # another model: a new server, after this answer
+    qtbot.waitUntil(lambda: recorder.result is not None, timeout=5000)
+    assert recorder.result.error is None and len(recorder.tokens) == 10
     assert first.poll() is not None and not logic.model_is_loaded
     logic.ask(volume, "Two?")
     assert logic.local_server.process is not first

@@ -95,6 +95,7 @@ class _Request:
         self.result = Result(kind, node_id=node.GetID())
         self.exception: BaseException | None = None
         self.link_request: Request | None = None
+        self.server_key: tuple = ()  # the model and server settings it was sent with
 
 
 class Med3DVLMLogic:
@@ -229,6 +230,7 @@ class Med3DVLMLogic:
         turns = earlier + [Turn("user", question or REQUEST_TEXT[kind], now()), Turn("model", "", now())]
         text_nodes.set_turns(record, turns, status="generating")
         request = _Request(kind, node, record, turns, callbacks, settings.max_new_tokens, settings.model)
+        request.server_key = self._server_key
         path, payload = self._payload(kind, question, qa_pairs(earlier), settings)
         self._request = request
         request.link_request = self._link.submit(Request(
@@ -295,7 +297,7 @@ class Med3DVLMLogic:
         stopped = bool(final.get("stopped"))
         request.result.stopped = stopped
         if final.get("model"):
-            self.loaded_model, self._loaded_key = describe_model(final["model"], self._link.remote), self._server_key
+            self.loaded_model, self._loaded_key = describe_model(final["model"], self._link.remote), request.server_key
         value = final.get("text", "")
         if request.kind == "findings" and final.get("detection"):
             scores = DetectionResult.from_dict(final["detection"])

@@ -50,6 +50,7 @@ class ServerLink:
         self._digests: dict[tuple, str] = {}  # volume node state -> digest the server knows it by
         self._current: Request | None = None
         self._side_tasks: list = []  # cancel requests, advanced alongside
+        self._pending: tuple | None = None  # settings changed while a request ran
         self._timer = None
 
     @property
@@ -57,7 +58,11 @@ class ServerLink:
         return self._current is not None
 
     def configure(self, settings: Settings, remote: Server | None) -> None:
-        """Settings for the next request; a change of model or server stops the local server."""
+        """Settings for the next request; a change of model or server stops the local server (after
+        the running request, which keeps the server it started with)."""
+        if self._current is not None:
+            self._pending = (settings, remote)
+            return
         if (settings.load_key, remote) != (self.settings.load_key, self.remote):
             self.local.stop()
             self._digests.clear()
@@ -176,6 +181,9 @@ class ServerLink:
     def _finish(self, request: Request, kind: str, payload) -> None:
         if self._current is request:
             self._current = None
+            if self._pending is not None:
+                pending, self._pending = self._pending, None
+                self.configure(*pending)
         request.finished = True
         request.on_event(kind, payload)
 

@@ -95,7 +95,8 @@ class RemotePipeline:
                 job_id = event.get("id", job_id)
                 yield event
             if cancel is not None and cancel.cancelled and job_id and not asked:
-                asked = run(tasks.cancel_job(self.server, job_id)) or True
+                asked = True
+                run(tasks.cancel_job(self.server, job_id))
             if wait is not None:
                 wait.ready(0.05)
 

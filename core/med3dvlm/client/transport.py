@@ -120,8 +120,8 @@ class Pause:
         return False
 
 
-def run(task, poll: float = 0.05, on_wait: Callable[[], None] | None = None):
-    """Drive ``task`` to its end, blocking; ``on_wait()`` runs at least every ``poll`` seconds."""
+def run(task, poll: float = 0.05):
+    """Drive ``task`` to its end, blocking in ``select`` (``poll`` seconds at most at a time)."""
     while True:
         try:
             wait = task.send(None)
@@ -129,8 +129,6 @@ def run(task, poll: float = 0.05, on_wait: Callable[[], None] | None = None):
             return stop.value
         if wait is not None:
             wait.ready(poll)
-        if on_wait is not None:
-            on_wait()
 
 
 def advance(task, budget: float = 0.008) -> tuple[bool, object]:
