@@ -87,7 +87,10 @@ class ServerLink:
             return
         request.stop_requested = True
         if request.job_id is not None:
-            self._side_tasks.append(tasks.cancel_job(self._server_now(), request.job_id))
+            try:
+                self._side_tasks.append(tasks.cancel_job(self._server_now(), request.job_id))
+            except Med3DVLMError:
+                pass  # the server is gone: the job's own stream says so
         else:
             request.task.close()  # closes its connection: a job already posted is cancelled by the server
             self._finish(request, "done", {"event": "done", "stopped": True})
