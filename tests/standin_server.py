@@ -55,7 +55,7 @@ def main() -> None:
     config = ServerConfig(token=token, max_volume_bytes=int(args.max_volume_mb * 2**20), allowed_folder=folder,
                           max_waiting=args.max_waiting)
     serve(load, config, host=args.host, port=0, model_label="stand-in", ready_file=args.ready_file,
-          exit_with_stdin=True, log_level="warning")
+          exit_with_stdin=True, log_level="info")  # info: the log tests see what operators see
 
 
 if __name__ == "__main__":

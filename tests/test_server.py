@@ -233,3 +233,15 @@ def test_no_server_is_one_sentence():
         med3dvlm.connect("http://127.0.0.1:9")
     with pytest.raises(med3dvlm.Med3DVLMError, match="not a server address"):
         med3dvlm.connect("gpu-box:8000")
+
+
+def test_the_server_log_holds_no_request_content(server):
+    process = server("--host", "0.0.0.0", token="a-long-random-test-token-0123456789")
+    client = med3dvlm.connect(process.url.replace("0.0.0.0", "127.0.0.1"), token="a-long-random-test-token-0123456789")
+    volume = small_volume()
+    volume.source = "Doe^Jane 1970-01-01.nii.gz"  # a file name a client might have: never sent
+    assert "Doe-Jane-question" in client.ask(volume, "Doe-Jane-question about Doe^Jane?")
+    with pytest.raises(ServerError):
+        client.ask(small_volume(shape=(64, 64, 1)), "Doe^Jane again?")  # a refused request: still no content
+    log = process.log_text()
+    assert "Doe" not in log and "a-long-random-test-token" not in log
