@@ -42,6 +42,12 @@ class StandInPipeline:
             self.encode_calls += 1
         return key
 
+    def provenance(self, task, volume=None, **settings) -> dict:
+        """The real pipeline's record, with the stand-in's values."""
+        return {"task": task, "package": "med3dvlm (stand-in)", "model": self.model_name, "weights_blake2b": None,
+                "device": self.device, "dtype": self.dtype, "quantization": None,
+                "generation": {"max_new_tokens": settings.get("max_new_tokens", len(WORDS))}}
+
     def report(self, volume, *, instruction=None, on_token=None, cancel=None, **gen) -> str:
         self.encode(volume)
         stats = [volume.modality, f"{volume.shape[0]}x{volume.shape[1]}x{volume.shape[2]}",

@@ -217,3 +217,21 @@ def test_mri_detection_scores_every_label_of_the_mr_sample(pipe):
 def test_detection_refuses_ct(pipe):
     with pytest.raises(VolumeError, match="CT volume"):
         pipe.detect(SAMPLE)
+
+
+def test_a_follow_up_about_a_file_does_not_read_it_again(monkeypatch, tmp_path):
+    import med3dvlm.pipeline as pipeline_module
+
+    pipe = med3dvlm.load("demo", device="cpu")
+    path = tmp_path / "ct.nii.gz"
+    shutil.copy(sample_path("ct_phantom.nii.gz"), path)
+    reads = []
+    real_read = pipeline_module.read_volume
+    monkeypatch.setattr(pipeline_module, "read_volume", lambda p: reads.append(p) or real_read(p))
+    first = pipe.ask(path, "Is there a cyst?")
+    assert pipe.ask(path, "Is there a cyst?") == first and len(reads) == 1
+    made = pipe.provenance("ask", path)
+    assert len(reads) == 1 and made["preprocessing"]["steps"][-1].endswith("-> 32 x 128 x 128")
+    path.write_bytes(sample_path("mr_phantom_t2.nii.gz").read_bytes())  # a new file at the same path
+    pipe.ask(path, "Is there a cyst?")
+    assert len(reads) == 2

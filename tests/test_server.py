@@ -67,6 +67,10 @@ def test_demo_over_http_answers_as_in_process(demo_server):
     assert [i for i, _ in client.retrieve(CT, texts)] == [i for i, _ in local.retrieve(CT, texts)]
     info = client.info()
     assert (info["state"], info["model"], info["device"], info["dtype"]) == ("ready", "demo", "cpu", "float32")
+    client.report(CT, max_new_tokens=12)
+    made, here = client.last_provenance, local.provenance("report", CT, max_new_tokens=12)
+    assert made["weights_blake2b"] == here["weights_blake2b"] == local.weights and made["seconds"] > 0
+    assert made["preprocessing"] == here["preprocessing"] and made["generation"] == here["generation"]
 
 
 def test_volume_is_sent_once_and_a_file_read_once(demo_server, monkeypatch):

@@ -239,6 +239,8 @@ def test_report_and_conversation_survive_saving_and_reloading(tmp_path, scene, m
     np.testing.assert_array_equal(volume_from_node(volume2).array, coded_array())
     (report_node,) = text_nodes.records(reloaded, volume2, text_nodes.REPORT_ROLE)
     assert report_node.GetText() == report
+    made = text_nodes.provenance(report_node)  # how the report was made, kept with the scene
+    assert (made["task"], made["model"], made["generation"]["max_new_tokens"]) == ("report", "stand-in", 256)
     conversation = text_nodes.active_conversation(reloaded, volume2)
     assert [t.text for t in text_nodes.get_turns(conversation)] == ["Is there a cyst?", "Answer #1: Is there a cyst?"]
 
@@ -337,6 +339,8 @@ def test_score_table_survives_saving_and_reloading(tmp_path, scene, make_logic, 
     volume2 = reloaded.GetFirstNodeByName("MR T2 abdomen")
     logic2 = make_logic(reloaded, scores={("liver", "cyst"): 0.3})
     assert logic2.abnormality_scores(volume2) == saved  # rows, types, sequence and model all kept
+    (table,) = tables(reloaded)
+    assert text_nodes.provenance(table)["task"] == "detect" and text_nodes.provenance(table)["seconds"] >= 0
     assert saved.sequences == ["T2"] and saved.model == "demo"
     assert [r.probability for r in saved.rows] == [0.91, 0.55, 0.12] and [r.above for r in saved.rows] == [
         True, True, False]

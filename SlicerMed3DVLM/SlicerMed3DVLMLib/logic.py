@@ -302,7 +302,8 @@ class Med3DVLMLogic:
         if request.kind == "findings" and final.get("detection"):
             scores = DetectionResult.from_dict(final["detection"])
             if not request.detached and self.scene.IsNodePresent(request.volume):
-                score_table.write_scores(self.scene, request.volume, scores, request.model)
+                table = score_table.write_scores(self.scene, request.volume, scores, request.model)
+                text_nodes.set_provenance(table, final.get("provenance"))
             request.result.scores = dict(scores)
             value = "\n".join(f"{name}: {score:.2f}" for name, score in request.result.scores.items())
         text = request.result.text = request.turns[-1].text = value or request.turns[-1].text
@@ -313,6 +314,8 @@ class Med3DVLMLogic:
         else:
             request.turns[-1].note = "stopped" if stopped else ""
             self._write(request, "stopped" if stopped else "complete")
+            if not request.detached and self.scene.IsNodePresent(request.node):
+                text_nodes.set_provenance(request.node, final.get("provenance"))
         self._end(request, self._status(request, stage))
 
     def _fail(self, request: _Request, error: BaseException) -> None:

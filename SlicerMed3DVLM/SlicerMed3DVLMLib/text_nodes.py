@@ -10,6 +10,8 @@ itself, or the conversation as Markdown.
 
 from __future__ import annotations
 
+import json
+
 from .transcript import Turn, now, transcript_markdown, turns_from_json, turns_to_json
 
 REPORT_ROLE = "Med3DVLM.report"
@@ -23,6 +25,7 @@ CREATED = "Med3DVLM.created"
 MODEL = "Med3DVLM.model"
 STATUS = "Med3DVLM.status"  # generating, complete, stopped, failed
 ARCHIVED = "Med3DVLM.archived"  # "1" once the user cleared the chat: kept, no longer shown
+PROVENANCE = "Med3DVLM.provenance"  # JSON: model, weights digest, preprocessing, settings of the last answer
 
 
 def create_record(scene, volume, role: str, model_name: str):
@@ -35,6 +38,17 @@ def create_record(scene, volume, role: str, model_name: str):
         node.SetAttribute(MODEL, model_name)
         node.SetAttribute(STATUS, "generating")
     return node
+
+
+def set_provenance(node, provenance: dict | None) -> None:
+    """Keep how the node's latest content was made (any MRML node: text or table), saved with the scene."""
+    if provenance:
+        node.SetAttribute(PROVENANCE, json.dumps(provenance, sort_keys=True))
+
+
+def provenance(node) -> dict | None:
+    text = node.GetAttribute(PROVENANCE)
+    return json.loads(text) if text else None
 
 
 def record_role(node) -> str | None:

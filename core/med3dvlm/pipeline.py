@@ -12,18 +12,20 @@ that thread for each text piece and a ``CancelToken`` stops generation within on
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import queue
 import threading
 import warnings
 from collections import OrderedDict
+from dataclasses import asdict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import prompts
+from . import __version__, prompts
 from .cancel import CancelToken
 from .checkpoints import SIGLIP_FOLDER, load_bundle, load_siglip
 from .detection import DetectionResult, Detector
@@ -31,7 +33,8 @@ from .official import is_official_folder, load_official, stop_token_ids
 from .quantization import quantization_of
 from .errors import Med3DVLMError, ModelError
 from .generation import ANSWER_SETTINGS, REPORT_SETTINGS, CallbackStreamer, GenerationSettings, stopping_criteria
-from .preprocess import PRESETS, PreprocessConfig, preprocess
+from .preprocess import PRESETS, PreprocessConfig, describe, preprocess
+from .provenance import now, weights_digest
 from .readers import read_volume
 from .resources import demo_detector_dir, demo_model_dir
 from .volume import Volume
@@ -96,7 +99,9 @@ def load(model: str | os.PathLike = "demo", device: str = "auto", dtype: str | t
     name = "demo" if str(model) == "demo" else folder.name
     detector_dir = demo_detector_dir() if str(model) == "demo" else folder / DETECTOR_FOLDER
     detector = Detector.load(detector_dir, device=torch_device) if detector_dir.is_dir() else None
-    return Pipeline(vlm, tokenizer, retrieval=retrieval, detector=detector, name=name, cache_size=cache_size)
+    weights = weights_digest(folder, *([detector_dir] if detector is not None and str(model) == "demo" else []))
+    return Pipeline(vlm, tokenizer, retrieval=retrieval, detector=detector, name=name, cache_size=cache_size,
+                    weights=weights)
 
 
 class _friendly_oom:
@@ -116,18 +121,32 @@ class _friendly_oom:
         return False
 
 
+def _file_id(volume) -> tuple | None:
+    """(path, size, mtime) of a volume given as a file, else None (DICOM folders are read each time)."""
+    if not isinstance(volume, (str, os.PathLike)):
+        return None
+    try:
+        path = Path(volume).resolve()
+        stat = path.stat()
+    except OSError:
+        return None  # read_volume says what is wrong
+    return (str(path), stat.st_size, stat.st_mtime_ns) if path.is_file() else None
+
+
 class Pipeline:
     def __init__(self, model, tokenizer, *, retrieval=None, detector: Detector | None = None, name: str = "model",
-                 cache_size: int = 8) -> None:
+                 cache_size: int = 8, weights: str | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.retrieval = retrieval.eval() if retrieval is not None else None
         self.detector = detector
         self.model_name = name
+        self.weights = weights  # BLAKE2b of the weight files (provenance)
         self.preprocess_config: PreprocessConfig = PRESETS[model.config.preprocess_preset]
         self.num_image_tokens: int = model.config.num_image_tokens
         self.stop_token_ids: list[int] = stop_token_ids(model, tokenizer)  # all the release lists, not only EOS
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[torch.Tensor, list[str]]] = OrderedDict()  # tokens, steps applied
+        self._file_keys: dict[tuple, str] = {}  # (path, size, mtime) -> cache key: a file is read once
         self._cache_size = cache_size
         self._lock = threading.Lock()  # one generation at a time on one model
 
@@ -166,20 +185,53 @@ class Pipeline:
         digest.update(memoryview(array).cast("B"))
         return digest.hexdigest()
 
-    @torch.inference_mode()
+    def _key_of(self, volume: VolumeLike) -> tuple[str, Volume | None]:
+        """The cache key of a volume, and the volume if it had to be read: a file asked about
+        before (same size and modification time) is not read and hashed again."""
+        file = _file_id(volume)
+        if file is not None and file in self._file_keys:
+            return self._file_keys[file], None
+        loaded = self.as_volume(volume)
+        key = self._cache_key(loaded)
+        if file is not None:
+            self._file_keys[file] = key
+        return key, loaded
+
     def encode(self, volume: VolumeLike) -> torch.Tensor:
         """Image tokens (1, N, hidden) of a volume; computed once per volume content and cached."""
-        volume = self.as_volume(volume)
-        key = self._cache_key(volume)
+        return self._encoded(volume)[0]
+
+    def _encoded(self, volume: VolumeLike) -> tuple[torch.Tensor, list[str]]:
+        key, loaded = self._key_of(volume)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        with _friendly_oom("encoding the volume"):
-            tokens = self.model.encode_images(self.pixels(volume))
-        self._cache[key] = tokens
+        loaded = loaded if loaded is not None else self.as_volume(volume)
+        with _friendly_oom("encoding the volume"), torch.inference_mode():
+            tokens = self.model.encode_images(self.pixels(loaded))
+        self._cache[key] = tokens, describe(loaded, self.preprocess_config)
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
-        return tokens
+        return self._cache[key]
+
+    # ----- provenance ----------------------------------------------------------------------------
+    def provenance(self, task: str, volume: VolumeLike | None = None, **settings) -> dict:
+        """What produces ``task`` ("report", "ask", "detect", "retrieve") for ``volume`` with these
+        generation ``settings``: model, weights digest, package, device, precision, quantization,
+        the preprocessing applied to the volume, the generation settings and seed (plain JSON;
+        callers add the time taken)."""
+        record = {"task": task, "package": f"med3dvlm {__version__}", "model": self.model_name,
+                  "weights_blake2b": self.weights, "device": str(self.device),
+                  "dtype": str(self.dtype).replace("torch.", ""), "quantization": self.quantization,
+                  "created": now()}
+        if volume is not None:
+            config = self.detector.preprocess_config if task == "detect" else self.preprocess_config
+            steps = self._encoded(volume)[1] if task in ("report", "ask") else describe(self.as_volume(volume), config)
+            record["preprocessing"] = {**{k: v for k, v in asdict(config).items() if k != "dtype"}, "steps": steps}
+        if task in ("report", "ask"):
+            record["generation"] = asdict((REPORT_SETTINGS if task == "report" else ANSWER_SETTINGS).updated(**settings))
+            record["seed"] = torch.initial_seed()
+        return json.loads(json.dumps(record))  # plain JSON (lists, not tuples): the same as a server sends
 
     # ----- generation ----------------------------------------------------------------------------
     def report(self, volume: VolumeLike, *, instruction: str = prompts.REPORT_PROMPT,

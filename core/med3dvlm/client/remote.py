@@ -34,6 +34,7 @@ class RemotePipeline:
     def __init__(self, url: str, token: str | None = None, ca_file: str | None = None) -> None:
         self.server = Server(url, token, ca_file)
         self._files: dict[tuple, str] = {}  # (path, mtime, size) -> digest
+        self.last_provenance: dict | None = None  # what produced the last answer (model, weights, settings)
         self._info = self.info()
 
     def info(self) -> dict:
@@ -88,6 +89,7 @@ class RemotePipeline:
                 wait = running.send(None)
             except StopIteration as stop:
                 yield from pending
+                self.last_provenance = stop.value.get("provenance")
                 yield stop.value
                 return
             while pending:

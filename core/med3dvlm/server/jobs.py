@@ -158,5 +158,7 @@ class JobQueue:
             job.emit("error", message=f"The server failed unexpectedly ({type(error).__name__}); "
                                       "the details are in the server's log.")
         else:
-            job.emit("done", stopped=job.cancel.cancelled, model=self.model(),
-                     seconds=round(time.perf_counter() - started, 3), **result)
+            seconds = round(time.perf_counter() - started, 3)
+            if "provenance" in result:
+                result["provenance"]["seconds"] = seconds
+            job.emit("done", stopped=job.cancel.cancelled, model=self.model(), seconds=seconds, **result)

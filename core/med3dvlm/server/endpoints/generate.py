@@ -47,9 +47,9 @@ async def report(body: ReportRequest, request: Request):
 
     def work(pipeline, job):
         on_token = _start(pipeline, job, volume)
-        text = pipeline.report(volume, instruction=body.instruction, on_token=on_token, cancel=job.cancel,
-                               **body.generation.kwargs())
-        return {"text": text}
+        settings = body.generation.kwargs()
+        text = pipeline.report(volume, instruction=body.instruction, on_token=on_token, cancel=job.cancel, **settings)
+        return {"text": text, "provenance": pipeline.provenance("report", volume, **settings)}
     return stream_job(request, "report", work)
 
 
@@ -59,7 +59,8 @@ async def ask(body: AskRequest, request: Request):
 
     def work(pipeline, job):
         on_token = _start(pipeline, job, volume)
+        settings = body.generation.kwargs()
         text = pipeline.ask(volume, body.question, history=body.history, choices=body.choices, on_token=on_token,
-                            cancel=job.cancel, **body.generation.kwargs())
-        return {"text": text}
+                            cancel=job.cancel, **settings)
+        return {"text": text, "provenance": pipeline.provenance("ask", volume, **settings)}
     return stream_job(request, "ask", work)

@@ -22,5 +22,6 @@ async def retrieve(body: RetrieveRequest, request: Request):
 
     def work(pipeline, job):
         job.emit("status", stage="encoding")
-        return {"ranking": [[index, score] for index, score in pipeline.retrieve(volume, body.texts)]}
+        return {"ranking": [[index, score] for index, score in pipeline.retrieve(volume, body.texts)],
+                "provenance": pipeline.provenance("retrieve", volume)}
     return stream_job(request, "retrieve", work)
