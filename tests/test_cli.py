@@ -29,9 +29,10 @@ def test_report_streams_text_to_stdout(capsys):
 
 def test_report_many_volumes_to_json_files(tmp_path, capsys):
     assert main(["report", CT, MR, "--format", "json", "--output-dir", str(tmp_path), "--max-new-tokens", "20"]) == 0
-    records = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*.json"))]
+    records = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*_phantom*.json"))]
     assert [r["volume"] for r in records] == [CT, MR]
-    assert all(r["model"] == "demo" and r["report"] for r in records)
+    assert all(r["model"] == "demo" and r["report"] and r["provenance"]["weights_blake2b"] for r in records)
+    assert json.loads((tmp_path / "summary.json").read_text())["reported"] == 2
 
 
 def test_ask_closed_question_prints_a_choice(capsys):
@@ -52,3 +53,10 @@ def test_errors_are_one_line_without_traceback(tmp_path, capsys):
 
     assert main(["report", CT, "--model", str(tmp_path / "no-model")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_phantom_evaluation_json_says_what_produced_it(ct_dataset, tmp_path):
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--data", str(ct_dataset), "-n", "2", "--json", str(out), "--device", "cpu"]) == 0
+    made = json.loads(out.read_text())["provenance"]
+    assert made["task"] == "evaluate" and made["model"] == "demo" and made["seconds"] > 0

@@ -33,6 +33,7 @@ def test_evaluate_m3d_prints_the_papers_metrics_and_resumes(ct_dataset, tmp_path
     settings = summary["settings"]
     assert settings["report_generation"]["do_sample"] is False and settings["report_generation"]["max_new_tokens"] == 48
     assert summary["model"] == "demo" and summary["dtype"] == "float32"
+    assert summary["provenance"]["weights_blake2b"] and summary["provenance"]["package"].startswith("med3dvlm")
     closed = list(read_records(out / "vqa_closed.jsonl").values())
     assert all(r["correct"] == (f"{r['answer_choice']}." in r["prediction"]) for r in closed)
     assert m["vqa_closed"]["accuracy"] == sum(r["correct"] for r in closed) / 4

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from .errors import Med3DVLMError
@@ -31,6 +32,8 @@ def _add_pickle_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--deterministic", action="store_true",
+                   help="the same text on rerun on this machine (fixed seeds, deterministic kernels)")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=None)
@@ -44,6 +47,10 @@ def _settings(args) -> dict:
 
 def _pipeline(args):
     """The in-process pipeline of --model, or a client of the --server with the same methods."""
+    if getattr(args, "deterministic", False):
+        from .provenance import deterministic
+
+        deterministic()
     if getattr(args, "server", None):
         from .client.remote import connect
 
@@ -91,32 +98,74 @@ def cmd_phantoms(args) -> None:
     print(f"wrote {args.n} {args.modality} phantoms to {args.outdir}")
 
 
+def _provenance(pipe, task: str, volume, settings: dict, seconds: float) -> dict:
+    """What produced an output: the server's record of its last answer, or the pipeline's own."""
+    from .client.remote import RemotePipeline
+
+    if isinstance(pipe, RemotePipeline):
+        return pipe.last_provenance  # with the server's own time
+    return {**pipe.provenance(task, volume, **settings), "seconds": round(seconds, 3)}
+
+
 def cmd_report(args) -> None:
-    pipe = _pipeline(args)
+    from .batch import expand
+
+    volumes = expand(args.volumes)
     settings = _settings(args)
-    if len(args.volumes) == 1 and not args.output_dir and args.format == "text":
-        pipe.report(args.volumes[0], on_token=lambda t: print(t, end="", flush=True), **settings)
+    if args.output_dir:
+        return _report_to_folder(args, volumes, settings)
+    pipe = _pipeline(args)
+    for volume in volumes:
+        started = time.perf_counter()
+        if args.format == "json":
+            text = pipe.report(volume, **settings)
+            print(json.dumps({"volume": str(volume), "model": pipe.model_name, "report": text,
+                              "provenance": _provenance(pipe, "report", volume, settings,
+                                                        time.perf_counter() - started)}))
+            continue
+        if len(volumes) > 1:
+            print(f"== {volume}")
+        pipe.report(volume, on_token=lambda t: print(t, end="", flush=True), **settings)
         print()
-        return
-    bar = _progress(len(args.volumes), "volume")
-    reports = pipe.report_batch(args.volumes, progress=bar.update, **settings)
+
+
+def _report_to_folder(args, volumes, settings: dict) -> None:
+    """One file per volume; under torchrun each rank takes its share (see batch.py)."""
+    from .batch import report_shard, write_summary
+    from .train.distributed import barrier, cleanup, init_distributed
+
+    info = init_distributed(None if args.device == "auto" else args.device)
+    if info.world_size > 1 and args.device == "auto":
+        args.device = str(info.device)  # this rank's own GPU
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = _pipeline(args)
+    bar = _progress(len(volumes[info.rank::info.world_size]), "volume")
+    written, failed, skipped = report_shard(
+        pipe, volumes, out, args.format, settings, info.rank, info.world_size,
+        lambda volume, seconds: _provenance(pipe, "report", volume, settings, seconds),
+        batch_size=1 if args.server else args.batch_size, progress=bar.update)
     bar.close()
-    for path, text in zip(args.volumes, reports):
-        record = {"volume": str(path), "model": pipe.model_name, "report": text}
-        out = json.dumps(record) if args.format == "json" else f"== {path}\n{text}\n"
-        if args.output_dir:
-            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-            suffix = ".json" if args.format == "json" else ".txt"
-            target = Path(args.output_dir) / (Path(path).name.split(".")[0] + suffix)
-            target.write_text(out + "\n")
-        else:
-            print(out)
+    print(f"med3dvlm: rank {info.rank}: {written} reported, {failed} failed, {skipped} done before", file=sys.stderr)
+    barrier()
+    if info.is_main:
+        summary = write_summary(out, volumes, args.format, info.world_size, pipe.model_name)
+        print(f"{summary['reported']} of {summary['volumes']} volumes reported in {out}"
+              + (f"; {len(summary['failed'])} failed (see *.failed.json)" if summary["failed"] else ""))
+    cleanup()
 
 
 def cmd_ask(args) -> None:
-    pipe = _pipeline(args)
+    pipe, settings = _pipeline(args), _settings(args)
+    started = time.perf_counter()
+    if args.json:
+        answer = pipe.ask(args.volume, args.question, choices=args.choices, **settings)
+        print(json.dumps({"volume": str(args.volume), "question": args.question, "answer": answer,
+                          "provenance": _provenance(pipe, "ask", args.volume, settings,
+                                                    time.perf_counter() - started)}, indent=1))
+        return
     pipe.ask(args.volume, args.question, choices=args.choices, on_token=lambda t: print(t, end="", flush=True),
-             **_settings(args))
+             **settings)
     print()
 
 
@@ -145,9 +194,12 @@ def cmd_detect(args) -> None:
         raise Med3DVLMError(f"--sequence names {len(args.sequences)} sequences for {len(args.volumes)} volumes; "
                             "give one per volume, in the same order.")
     study = dict(zip(args.sequences, args.volumes)) if args.sequences else list(args.volumes)
+    started = time.perf_counter()
     result = pipe.detect(study)
     if args.json:
-        print(json.dumps(result.to_dict(), indent=1))
+        first = args.volumes[0] if len(args.volumes) == 1 else None
+        print(json.dumps({**result.to_dict(), "provenance": _provenance(pipe, "detect", first, {},
+                                                                         time.perf_counter() - started)}, indent=1))
         return
     weights = ", ".join(f"{seq} {w:.2f}" for seq, w in result.sequence_weights.items())
     print(f"MRI study: {', '.join(result.sequences)} (fusion weights: {weights})")
@@ -175,10 +227,13 @@ def cmd_evaluate(args) -> None:
         data = Path(args.work) / f"eval-phantoms-seed{args.seed}"
         if not (data / "manifest.json").is_file():
             write_dataset(data, n, args.seed, modality="CT", splits=(1.0, 0.0, 0.0), progress=True)
-    results = evaluate_phantoms(_pipeline(args), data, split=split, n=n)
+    pipe, started = _pipeline(args), time.perf_counter()
+    results = evaluate_phantoms(pipe, data, split=split, n=n)
+    results["provenance"] = _provenance(pipe, "evaluate", None, {}, time.perf_counter() - started)
     example = results.pop("example_report")
     for key, value in results.items():
-        print(f"{key:32s} {value:.4f}" if isinstance(value, float) else f"{key:32s} {value}")
+        if key != "provenance":
+            print(f"{key:32s} {value:.4f}" if isinstance(value, float) else f"{key:32s} {value}")
     print(f"\nexample report:\n{example}")
     if args.json:
         Path(args.json).write_text(json.dumps({**results, "example_report": example}, indent=1) + "\n")
@@ -265,9 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_phantoms)
 
     p = sub.add_parser("report", help="generate a report for each volume")
-    p.add_argument("volumes", nargs="+")
+    p.add_argument("volumes", nargs="+", help="volume files, folders of them, or DICOM series folders")
     p.add_argument("--format", choices=["text", "json"], default="text")
-    p.add_argument("--output-dir", help="write one file per volume instead of printing")
+    p.add_argument("--output-dir", help="write one file per volume (skipping those done before) and summary.json; "
+                                        "under torchrun each rank takes its share")
+    p.add_argument("--batch-size", type=int, default=4, help="volumes generated together (default: 4)")
     _add_model_args(p)
     _add_generation_args(p)
     p.set_defaults(func=cmd_report)
@@ -276,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("volume")
     p.add_argument("question")
     p.add_argument("--choices", nargs="+", help="answer choices of a closed question (2 to 4)")
+    p.add_argument("--json", action="store_true", help="print the answer and its provenance as JSON")
     _add_model_args(p)
     _add_generation_args(p)
     p.set_defaults(func=cmd_ask)
@@ -327,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     m3d.add_argument("--bertscore-layers", type=int, default=None,
                      help="its layer (default: bert-score's for the folder's name, e.g. roberta-large 17)")
     m3d.add_argument("--wordnet", help="WordNet 3.0 dict folder for METEOR (default: searched, e.g. /usr/share/wordnet)")
-    _add_model_args(p)
+    _add_model_args(p, remote=False)  # evaluation reads the model's towers directly
     _add_generation_args(p)
     p.set_defaults(func=cmd_evaluate)
 

@@ -83,7 +83,8 @@ def summarize(bench: M3DBenchmark, results: dict[str, list[dict]]) -> dict:
         notes.append("BERTScore not computed: pass a local scorer model folder (the paper: roberta-large, layer 17).")
     return {
         "benchmark": "M3D (Med3DVLM paper tasks)", "created": datetime.datetime.now().astimezone().isoformat(),
-        "package_version": __version__, "model": pipe.model_name, "device": str(pipe.device),
+        "package_version": __version__, "model": pipe.model_name, "provenance": pipe.provenance("evaluate"),
+        "device": str(pipe.device),
         "dtype": str(pipe.dtype).replace("torch.", ""), "quantization": pipe.quantization,
         "data": {"root": str(cfg.root), "split": cfg.split, "cap_json": str(cfg.cap_json),
                  "vqa_csv": str(cfg.vqa_csv), "vqa_open_csv": str(cfg.vqa_open_csv) if cfg.vqa_open_csv else None,
