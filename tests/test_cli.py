@@ -60,3 +60,10 @@ def test_phantom_evaluation_json_says_what_produced_it(ct_dataset, tmp_path):
     assert main(["evaluate", "--data", str(ct_dataset), "-n", "2", "--json", str(out), "--device", "cpu"]) == 0
     made = json.loads(out.read_text())["provenance"]
     assert made["task"] == "evaluate" and made["model"] == "demo" and made["seconds"] > 0
+
+
+def test_detect_json_carries_scores_and_provenance(capsys):
+    assert main(["detect", MR, "--json", "--device", "cpu"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["scores"] and record["provenance"]["task"] == "detect"
+    assert record["provenance"]["preprocessing"]["steps"]  # the detector's own preprocessing of this volume
