@@ -41,26 +41,24 @@ def _start(pipeline, job, volume):
     return on_token
 
 
-@router.post("/report")
-async def report(body: ReportRequest, request: Request):
+def _text_job(request: Request, body, task: str, generate):
+    """Queue ``generate(pipeline, volume, on_token=..., cancel=..., **settings)`` as a streamed job."""
     volume = stored_volume(request, body.volume)
+    settings = body.generation.kwargs()
 
     def work(pipeline, job):
-        on_token = _start(pipeline, job, volume)
-        settings = body.generation.kwargs()
-        text = pipeline.report(volume, instruction=body.instruction, on_token=on_token, cancel=job.cancel, **settings)
-        return {"text": text, "provenance": pipeline.provenance("report", volume, **settings)}
-    return stream_job(request, "report", work)
+        text = generate(pipeline, volume, on_token=_start(pipeline, job, volume), cancel=job.cancel, **settings)
+        return {"text": text, "provenance": pipeline.provenance(task, volume, **settings)}
+    return stream_job(request, task, work)
+
+
+@router.post("/report")
+async def report(body: ReportRequest, request: Request):
+    return _text_job(request, body, "report",
+                     lambda pipeline, volume, **kw: pipeline.report(volume, instruction=body.instruction, **kw))
 
 
 @router.post("/ask")
 async def ask(body: AskRequest, request: Request):
-    volume = stored_volume(request, body.volume)
-
-    def work(pipeline, job):
-        on_token = _start(pipeline, job, volume)
-        settings = body.generation.kwargs()
-        text = pipeline.ask(volume, body.question, history=body.history, choices=body.choices, on_token=on_token,
-                            cancel=job.cancel, **settings)
-        return {"text": text, "provenance": pipeline.provenance("ask", volume, **settings)}
-    return stream_job(request, "ask", work)
+    return _text_job(request, body, "ask", lambda pipeline, volume, **kw: pipeline.ask(
+        volume, body.question, history=body.history, choices=body.choices, **kw))
