@@ -67,3 +67,9 @@ def test_detect_json_carries_scores_and_provenance(capsys):
     record = json.loads(capsys.readouterr().out)
     assert record["scores"] and record["provenance"]["task"] == "detect"
     assert record["provenance"]["preprocessing"]["steps"]  # the detector's own preprocessing of this volume
+
+
+def test_evaluate_refuses_to_run_once_per_rank(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["evaluate", "-n", "2"]) == 2
+    assert "start it without torchrun" in capsys.readouterr().err

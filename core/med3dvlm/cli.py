@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -220,6 +221,8 @@ def cmd_evaluate(args) -> None:
     from .data.m3d import write_dataset
     from .eval.phantom_eval import evaluate_phantoms
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would repeat the whole evaluation
+        raise Med3DVLMError("evaluate runs in one process; start it without torchrun (report shards over ranks).")
     if args.benchmark == "m3d":
         return _evaluate_m3d(args)
     data, n, split = args.data, args.n or 100, args.split or "train"
