@@ -66,3 +66,18 @@ def test_deterministic_json_is_the_same_on_rerun(tmp_path):
     first = run()
     assert first == run() and first["provenance"]["generation"]["do_sample"] is True
     assert first["provenance"]["seed"] == 0
+
+
+def test_m3d_evaluation_over_two_ranks_equals_one_process(ct_dataset, tmp_path):
+    args = ["evaluate", "m3d", "--root", str(ct_dataset), "--split", "train", "-n", "4", "--n-vqa", "4",
+            "--max-new-tokens", "24", "--device", "cpu"]
+    cli(*args, "--out", str(tmp_path / "one"))
+    proc = cli(*args, "--out", str(tmp_path / "two"), torchrun=True)
+    assert proc.stdout.count("Report generation (n=4)") == 1  # rank 0 alone scores and prints
+    assert not list((tmp_path / "two").glob("*.rank*.jsonl"))  # the ranks' shards were merged
+    one, two = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two"))
+    assert two["ranks"] == 2 and one["metrics"] == two["metrics"]
+    for task in ("report", "vqa_open", "vqa_closed"):
+        rows = [{r["id"]: r["prediction"] for r in map(json.loads, (tmp_path / name / f"{task}.jsonl").open())}
+                for name in ("one", "two")]
+        assert rows[0] == rows[1] and len(rows[0]) >= 4

@@ -71,5 +71,5 @@ def test_detect_json_carries_scores_and_provenance(capsys):
 
 def test_evaluate_refuses_to_run_once_per_rank(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["evaluate", "-n", "2"]) == 2
+    assert main(["evaluate", "-n", "2"]) == 2  # the phantom evaluation (evaluate m3d shares its work)
     assert "start it without torchrun" in capsys.readouterr().err

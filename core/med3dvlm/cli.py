@@ -221,10 +221,11 @@ def cmd_evaluate(args) -> None:
     from .data.m3d import write_dataset
     from .eval.phantom_eval import evaluate_phantoms
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would repeat the whole evaluation
-        raise Med3DVLMError("evaluate runs in one process; start it without torchrun (report shards over ranks).")
     if args.benchmark == "m3d":
         return _evaluate_m3d(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would repeat the whole evaluation
+        raise Med3DVLMError("The phantom evaluation runs in one process; start it without torchrun "
+                            "(evaluate m3d and report share their work over ranks).")
     data, n, split = args.data, args.n or 100, args.split or "train"
     if data is None:  # fresh phantoms the model never saw
         data = Path(args.work) / f"eval-phantoms-seed{args.seed}"
@@ -246,20 +247,29 @@ def _evaluate_m3d(args) -> None:
     """The paper's M3D tasks on M3D-Cap / M3D-VQA files; resumable, see eval/m3d_bench.py."""
     from .eval.m3d_bench import BenchmarkConfig, M3DBenchmark
     from .eval.m3d_summary import format_table, summarize, write_summary
+    from .train.distributed import cleanup, init_distributed
 
     if not args.root or not args.out:
         raise Med3DVLMError("evaluate m3d needs --root (the data root of M3D_Cap_npy/ and M3D-VQA/) and --out.")
+    info = init_distributed(None if args.device == "auto" else args.device)
+    if info.world_size > 1 and args.device == "auto":
+        args.device = str(info.device)  # this rank's own GPU
     config = BenchmarkConfig(
         root=Path(args.root), out=Path(args.out), split=args.split or "test", cap_json=args.cap, vqa_csv=args.vqa,
         vqa_open_csv=args.vqa_open, n=args.n or 2000, n_vqa=args.n_vqa, tasks=tuple(args.tasks.split(",")),
         closed_mode=args.closed, batch_size=args.batch_size, generation=_settings(args),
-        bertscore_model=args.bertscore_model, bertscore_layers=args.bertscore_layers, wordnet=args.wordnet)
+        bertscore_model=args.bertscore_model, bertscore_layers=args.bertscore_layers, wordnet=args.wordnet,
+        rank=info.rank, world=info.world_size, progress=info.is_main)
     bench = M3DBenchmark(_pipeline(args), config)
-    if not bench.meteor.synonyms:
+    if not bench.meteor.synonyms and info.is_main:
         print(f"med3dvlm: warning: {bench.meteor.note}", file=sys.stderr)
-    summary = summarize(bench, bench.run())
-    print(format_table(summary))
-    print(f"\nper-sample results and summary.json in {write_summary(summary, config.out).parent}")
+    results = bench.run()  # under torchrun: each rank its share, then rank 0 merges
+    if info.is_main:
+        summary = summarize(bench, results)
+        summary["ranks"] = info.world_size
+        print(format_table(summary))
+        print(f"\nper-sample results and summary.json in {write_summary(summary, config.out).parent}")
+    cleanup()
 
 
 def cmd_serve(args) -> None:

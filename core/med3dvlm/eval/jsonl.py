@@ -12,30 +12,50 @@ import os
 from pathlib import Path
 
 
+def shard_path(path: Path, rank: int) -> Path:
+    """Where torchrun rank ``rank`` appends its records of ``path`` (merged by rank 0 at the end)."""
+    return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
+
+def _files(path: Path) -> list[Path]:
+    return [p for p in [path, *sorted(path.parent.glob(f"{path.stem}.rank*{path.suffix}"))] if p.is_file()]
+
+
 def read_records(path: str | Path) -> dict[str, dict]:
-    """id -> record of every complete line; the last line wins if an id repeats."""
+    """id -> record of every complete line of ``path`` and of its ranks' shards; the last line wins
+    if an id repeats."""
     records: dict[str, dict] = {}
-    path = Path(path)
-    if not path.is_file():
-        return records
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                record = json.loads(line)
-            except ValueError:  # a line cut short by an interruption
-                continue
-            if isinstance(record, dict) and "id" in record:
-                records[str(record["id"])] = record
+    for file in _files(Path(path)):
+        with open(file, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a line cut short by an interruption
+                    continue
+                if isinstance(record, dict) and "id" in record:
+                    records[str(record["id"])] = record
     return records
 
 
-class RecordWriter:
-    """Appends records to a JSONL file; ``done`` holds the ids already there."""
+def merge_shards(path: str | Path) -> None:
+    """One file again after a torchrun run: the ranks' shards folded into ``path``."""
+    path = Path(path)
+    shards = _files(path)[1:] if path.is_file() else _files(path)
+    if shards:
+        rewrite(path, list(read_records(path).values()))
+        for shard in shards:
+            shard.unlink()
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.records = read_records(self.path)
+
+class RecordWriter:
+    """Appends records to a JSONL file (a rank's own shard of it under torchrun); ``done`` holds the
+    ids already there, in the file or any rank's shard."""
+
+    def __init__(self, path: str | Path, rank: int | None = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.records = read_records(path)
+        self.path = path if rank is None else shard_path(path, rank)
         if self.path.is_file() and self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n"):
             with open(self.path, "a", encoding="utf-8") as fh:  # end a cut line so the next one starts clean
                 fh.write("\n")

@@ -33,7 +33,8 @@ from ..data.m3d import CAP_JSON, read_cap, read_vqa
 from ..errors import Med3DVLMError
 from ..generation import ANSWER_SETTINGS, REPORT_SETTINGS
 from ..prompts import format_choices
-from .jsonl import RecordWriter
+from ..train.distributed import barrier
+from .jsonl import RecordWriter, merge_shards, read_records
 from .retrieval import recall_at_k, retrieval_ranks
 from .text_metrics import Meteor, sentence_scores
 
@@ -60,6 +61,8 @@ class BenchmarkConfig:
     bertscore_layers: int | None = None
     wordnet: Path | None = None
     progress: bool = True
+    rank: int = 0                               # under torchrun: this process takes every world-th sample
+    world: int = 1
 
     def __post_init__(self) -> None:
         self.root, self.out = Path(self.root), Path(self.out)
@@ -113,6 +116,11 @@ class M3DBenchmark:
         self.answer_settings = ANSWER_SETTINGS.updated(**gen)
         self.skipped: dict[str, str] = {}
 
+    def _mine(self, samples: list) -> list:
+        """This rank's share of all the samples (all of them in one process): fixed by position, so
+        that it does not depend on what another rank has finished already."""
+        return samples[self.cfg.rank::self.cfg.world]
+
     def _bar(self, total: int, done: int, desc: str):
         return tqdm(total=total, initial=done, desc=desc, unit="sample", disable=not self.cfg.progress)
 
@@ -133,15 +141,21 @@ class M3DBenchmark:
     # ----- tasks -------------------------------------------------------------------------------------
     def run(self) -> dict[str, list[dict]]:
         """Runs the tasks; returns each task's records of the current samples, in sample order."""
-        writers, wanted = {}, {}
+        wanted, shard = {}, self.cfg.rank if self.cfg.world > 1 else None
         for task in self.cfg.tasks:
             if task == "retrieval" and self.pipe.retrieval is None:
                 self.skipped[task] = f"model {self.pipe.model_name} has no SigLIP retrieval towers"
                 continue
-            writers[task] = RecordWriter(self.cfg.out / f"{task}.jsonl")
-            wanted[task] = getattr(self, f"_{task}")(writers[task])
+            wanted[task] = getattr(self, f"_{task}")(RecordWriter(self.cfg.out / f"{task}.jsonl", shard))
+        barrier()  # all ranks' samples are written
+        if self.cfg.rank != 0:
+            return {}  # rank 0 merges and scores
+        records = {}
+        for task in wanted:
+            merge_shards(self.cfg.out / f"{task}.jsonl")
+            records[task] = read_records(self.cfg.out / f"{task}.jsonl")
         # a rerun with a smaller N or other csvs reports on the samples asked for only
-        return {task: [writers[task].records[key] for key in keys] for task, keys in wanted.items()}
+        return {task: [records[task][key] for key in keys] for task, keys in wanted.items()}
 
     @torch.inference_mode()
     def _retrieval(self, writer: RecordWriter) -> None:
@@ -149,7 +163,7 @@ class M3DBenchmark:
         model, pipe = self.pipe.retrieval, self.pipe
         dtype = next(model.parameters()).dtype
         items = [(f"{i}:{_rel(c.image_path, self.cfg.root)}", c) for i, c in enumerate(self.cap_items())]
-        todo = [(key, c) for key, c in items if key not in writer.done]
+        todo = [(key, c) for key, c in self._mine(items) if key not in writer.done]
         bar = self._bar(len(items), len(items) - len(todo), "retrieval")
         for start in range(0, len(todo), self.cfg.batch_size):
             chunk = todo[start:start + self.cfg.batch_size]
@@ -168,7 +182,7 @@ class M3DBenchmark:
 
     def _report(self, writer: RecordWriter) -> None:
         items = [(f"{i}:{_rel(c.image_path, self.cfg.root)}", c) for i, c in enumerate(self.cap_items())]
-        todo = [(key, c) for key, c in items if key not in writer.done]
+        todo = [(key, c) for key, c in self._mine(items) if key not in writer.done]
         bar = self._bar(len(items), len(items) - len(todo), "reports")
         settings = asdict(self.report_settings)
         for start in range(0, len(todo), self.cfg.batch_size):
@@ -183,7 +197,7 @@ class M3DBenchmark:
 
     def _vqa_open(self, writer: RecordWriter) -> None:
         rows = self.vqa_rows()
-        todo = [r for r in rows if r[0] not in writer.done]
+        todo = [r for r in self._mine(rows) if r[0] not in writer.done]
         settings = asdict(self.answer_settings)
         for key, q, _ in tqdm(todo, total=len(rows), initial=len(rows) - len(todo), desc="open VQA", unit="sample",
                               disable=not self.cfg.progress):
@@ -195,7 +209,7 @@ class M3DBenchmark:
 
     def _vqa_closed(self, writer: RecordWriter) -> None:
         rows = [r for r in self.vqa_rows() if r[1].closed]
-        todo = [r for r in rows if r[0] not in writer.done]
+        todo = [r for r in self._mine(rows) if r[0] not in writer.done]
         settings = asdict(self.answer_settings)
         for key, q, _ in tqdm(todo, total=len(rows), initial=len(rows) - len(todo), desc="closed VQA",
                               unit="sample", disable=not self.cfg.progress):
