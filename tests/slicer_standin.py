@@ -15,12 +15,14 @@ import time
 import numpy as np
 from med3dvlm.detection_result import DetectionResult, LabelScore
 from med3dvlm.errors import Med3DVLMError, ModelError, VolumeError
+from med3dvlm.provenance import record
 
 WORDS = ("no", "focal", "lesion", "is", "seen", "in", "the", "liver", "spleen", "or", "kidneys")
 
 
 class StandInPipeline:
     device, dtype, quantization, retrieval, detector = "cpu", "float32", None, None, None  # as /info reads them
+    weights = None  # no weight files: no digest
 
     def __init__(self, model_name: str = "stand-in", token_delay: float = 0.002, report_words: int = 24,
                  scores: dict[tuple[str, str], float] | None = None, spin: bool = False,
@@ -43,10 +45,13 @@ class StandInPipeline:
         return key
 
     def provenance(self, task, volume=None, **settings) -> dict:
-        """The real pipeline's record, with the stand-in's values."""
-        return {"task": task, "package": "med3dvlm (stand-in)", "model": self.model_name, "weights_blake2b": None,
-                "device": self.device, "dtype": self.dtype, "quantization": None,
-                "generation": {"max_new_tokens": settings.get("max_new_tokens", len(WORDS))}}
+        """The real pipeline's record (provenance.record), with the stand-in's values."""
+        members = [] if volume is None else list(volume.values()) if isinstance(volume, dict) else \
+            volume if isinstance(volume, list) else [volume]
+        generation = {"max_new_tokens": settings.get("max_new_tokens") or len(WORDS)} if task in ("report", "ask") \
+            else None
+        return record(self, task, preprocessing={"preset": "stand-in", "volumes": [
+            {"output_shape": list(v.shape)} for v in members]}, generation=generation)
 
     def report(self, volume, *, instruction=None, on_token=None, cancel=None, **gen) -> str:
         self.encode(volume)

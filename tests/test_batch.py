@@ -43,10 +43,13 @@ def test_two_ranks_share_the_archive_and_a_rerun_skips_what_is_done(tmp_path):
     for record in records.values():
         made = record["provenance"]
         assert record["report"].startswith("Findings") and made["model"] == "demo" and made["seconds"] > 0
-        assert made["preprocessing"]["shape"] == [32, 128, 128] and made["generation"]["do_sample"] is False
+        (applied,) = made["preprocessing"]["volumes"]
+        assert applied["output_shape"] == [32, 128, 128] and applied["window"] == [40.0, 400.0]
+        assert made["generation"]["do_sample"] is False
     failed = json.loads((out / "broken.failed.json").read_text())
     summary = json.loads((out / "summary.json").read_text())
     assert summary["reported"] == 4 and summary["ranks"] == 2 and list(summary["failed"]) == [failed["volume"]]
+    assert summary["provenance"]["weights_blake2b"] == made["weights_blake2b"] and summary["provenance"]["seconds"] > 0
 
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("case*.json")}
     proc = cli("report", str(scans), "--output-dir", str(out), "--format", "json", "--device", "cpu", torchrun=True)

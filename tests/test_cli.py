@@ -66,10 +66,16 @@ def test_detect_json_carries_scores_and_provenance(capsys):
     assert main(["detect", MR, "--json", "--device", "cpu"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["scores"] and record["provenance"]["task"] == "detect"
-    assert record["provenance"]["preprocessing"]["steps"]  # the detector's own preprocessing of this volume
+    (applied,) = record["provenance"]["preprocessing"]["volumes"]  # the detector's own preprocessing of MR
+    assert applied["sequence"] == "T2" and applied["intensity"] == "percentile" and applied["steps"]
 
 
 def test_evaluate_refuses_to_run_once_per_rank(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["evaluate", "-n", "2"]) == 2  # the phantom evaluation (evaluate m3d shares its work)
     assert "start it without torchrun" in capsys.readouterr().err
+
+
+def test_deterministic_is_refused_with_a_server(capsys):
+    assert main(["ask", CT, "What is seen?", "--deterministic", "--server", "http://127.0.0.1:9"]) == 2
+    assert "--deterministic applies to a model in this process" in capsys.readouterr().err

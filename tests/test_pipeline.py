@@ -231,7 +231,7 @@ def test_a_follow_up_about_a_file_does_not_read_it_again(monkeypatch, tmp_path):
     first = pipe.ask(path, "Is there a cyst?")
     assert pipe.ask(path, "Is there a cyst?") == first and len(reads) == 1
     made = pipe.provenance("ask", path)
-    assert len(reads) == 1 and made["preprocessing"]["steps"][-1].endswith("-> 32 x 128 x 128")
+    assert len(reads) == 1 and made["preprocessing"]["volumes"][0]["steps"][-1].endswith("-> 32 x 128 x 128")
     path.write_bytes(sample_path("mr_phantom_t2.nii.gz").read_bytes())  # a new file at the same path
     pipe.ask(path, "Is there a cyst?")
     assert len(reads) == 2

@@ -229,6 +229,8 @@ def test_report_and_conversation_survive_saving_and_reloading(tmp_path, scene, m
     logic, volume = make_logic(), make_volume(coded_array(), LPS_OBLIQUE, name="CT liver")
     report = logic.generate_report(volume)
     logic.ask(volume, "Is there a cyst?")
+    (saved_node,) = text_nodes.records(scene, volume, text_nodes.REPORT_ROLE)
+    saved = text_nodes.provenance(saved_node)
     assert scene.SaveSceneToSlicerDataBundleDirectory(str(tmp_path))
     mrml = next(tmp_path.glob("*.mrml"))
 
@@ -241,6 +243,7 @@ def test_report_and_conversation_survive_saving_and_reloading(tmp_path, scene, m
     assert report_node.GetText() == report
     made = text_nodes.provenance(report_node)  # how the report was made, kept with the scene
     assert (made["task"], made["model"], made["generation"]["max_new_tokens"]) == ("report", "stand-in", 256)
+    assert made == saved and made["preprocessing"]["volumes"] == [{"output_shape": list(coded_array().shape)}]
     conversation = text_nodes.active_conversation(reloaded, volume2)
     assert [t.text for t in text_nodes.get_turns(conversation)] == ["Is there a cyst?", "Answer #1: Is there a cyst?"]
 

@@ -89,12 +89,15 @@ def _write_one(pipe, volume: Path, text, out: Path, fmt: str, settings: dict, pr
     return True
 
 
-def write_summary(out: Path, volumes: Sequence[Path], fmt: str, world: int, model: str) -> dict:
+def write_summary(out: Path, volumes: Sequence[Path], fmt: str, world: int, model: str,
+                  provenance: dict | None = None) -> dict:
+    """Counts over all ranks' files, and what produced them (rank 0's record: each volume's file
+    has its own, with its rank's device and preprocessing)."""
     suffix = ".json" if fmt == "json" else ".txt"
     done = [v for v in volumes if (out / (volume_name(v) + suffix)).exists()]
     failed = {str(v): json.loads((out / f"{volume_name(v)}.failed.json").read_text())["error"]
               for v in volumes if (out / f"{volume_name(v)}.failed.json").exists()}
     summary = {"model": model, "volumes": len(volumes), "reported": len(done), "failed": failed,
-               "ranks": world}
+               "ranks": world, "provenance": provenance}
     write_atomically(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     return summary

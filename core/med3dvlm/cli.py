@@ -49,6 +49,9 @@ def _settings(args) -> dict:
 def _pipeline(args):
     """The in-process pipeline of --model, or a client of the --server with the same methods."""
     if getattr(args, "deterministic", False):
+        if getattr(args, "server", None):  # seeds and kernels here would not reach the server's model
+            raise Med3DVLMError("--deterministic applies to a model in this process; "
+                                "drop --server or --deterministic.")
         from .provenance import deterministic
 
         deterministic()
@@ -140,7 +143,7 @@ def _report_to_folder(args, volumes, settings: dict) -> None:
         args.device = str(info.device)  # this rank's own GPU
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pipe = _pipeline(args)
+    pipe, started = _pipeline(args), time.perf_counter()
     bar = _progress(len(volumes[info.rank::info.world_size]), "volume")
     written, failed, skipped = report_shard(
         pipe, volumes, out, args.format, settings, info.rank, info.world_size,
@@ -150,7 +153,8 @@ def _report_to_folder(args, volumes, settings: dict) -> None:
     print(f"med3dvlm: rank {info.rank}: {written} reported, {failed} failed, {skipped} done before", file=sys.stderr)
     barrier()
     if info.is_main:
-        summary = write_summary(out, volumes, args.format, info.world_size, pipe.model_name)
+        summary = write_summary(out, volumes, args.format, info.world_size, pipe.model_name,
+                                _provenance(pipe, "report", None, settings, time.perf_counter() - started))
         print(f"{summary['reported']} of {summary['volumes']} volumes reported in {out}"
               + (f"; {len(summary['failed'])} failed (see *.failed.json)" if summary["failed"] else ""))
     cleanup()
@@ -190,16 +194,18 @@ def cmd_chat(args) -> None:
 
 
 def cmd_detect(args) -> None:
+    from .readers import read_volume
+
     pipe = _pipeline(args)
     if args.sequences and len(args.sequences) != len(args.volumes):
         raise Med3DVLMError(f"--sequence names {len(args.sequences)} sequences for {len(args.volumes)} volumes; "
                             "give one per volume, in the same order.")
-    study = dict(zip(args.sequences, args.volumes)) if args.sequences else list(args.volumes)
     started = time.perf_counter()
+    volumes = [read_volume(v) for v in args.volumes]  # read once: for the scores and their provenance
+    study = dict(zip(args.sequences, volumes)) if args.sequences else volumes
     result = pipe.detect(study)
     if args.json:
-        first = args.volumes[0] if len(args.volumes) == 1 else None
-        print(json.dumps({**result.to_dict(), "provenance": _provenance(pipe, "detect", first, {},
+        print(json.dumps({**result.to_dict(), "provenance": _provenance(pipe, "detect", study, {},
                                                                          time.perf_counter() - started)}, indent=1))
         return
     weights = ", ".join(f"{seq} {w:.2f}" for seq, w in result.sequence_weights.items())
@@ -218,8 +224,11 @@ def cmd_retrieve(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
+    from dataclasses import asdict
+
     from .data.m3d import write_dataset
     from .eval.phantom_eval import evaluate_phantoms
+    from .generation import REPORT_SETTINGS
 
     if args.benchmark == "m3d":
         return _evaluate_m3d(args)
@@ -233,7 +242,8 @@ def cmd_evaluate(args) -> None:
             write_dataset(data, n, args.seed, modality="CT", splits=(1.0, 0.0, 0.0), progress=True)
     pipe, started = _pipeline(args), time.perf_counter()
     results = evaluate_phantoms(pipe, data, split=split, n=n)
-    results["provenance"] = _provenance(pipe, "evaluate", None, {}, time.perf_counter() - started)
+    results["provenance"] = {**_provenance(pipe, "evaluate", None, {}, time.perf_counter() - started),
+                             "generation": {"reports": asdict(REPORT_SETTINGS), "closed_vqa": "most likely choice"}}
     example = results.pop("example_report")
     for key, value in results.items():
         if key != "provenance":

@@ -12,20 +12,20 @@ that thread for each text piece and a ``CancelToken`` stops generation within on
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import queue
 import threading
 import warnings
+import weakref
 from collections import OrderedDict
-from dataclasses import asdict
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import __version__, prompts
+from . import prompts
 from .cancel import CancelToken
 from .checkpoints import SIGLIP_FOLDER, load_bundle, load_siglip
 from .detection import DetectionResult, Detector
@@ -33,8 +33,8 @@ from .official import is_official_folder, load_official, stop_token_ids
 from .quantization import quantization_of
 from .errors import Med3DVLMError, ModelError
 from .generation import ANSWER_SETTINGS, REPORT_SETTINGS, CallbackStreamer, GenerationSettings, stopping_criteria
-from .preprocess import PRESETS, PreprocessConfig, describe, preprocess
-from .provenance import now, weights_digest
+from .preprocess import PRESETS, PreprocessConfig, applied, prepare
+from .provenance import record, weights_digest
 from .readers import read_volume
 from .resources import demo_detector_dir, demo_model_dir
 from .volume import Volume
@@ -43,6 +43,7 @@ from .volume import Volume
 DETECTOR_FOLDER = "medmap"  # a model folder's MRI abnormality detector, if it has one
 VolumeLike = Volume | str | os.PathLike | tuple[np.ndarray, np.ndarray]
 TokenCallback = Callable[[str], None]
+GENERATION_DEFAULTS = {"report": REPORT_SETTINGS, "ask": ANSWER_SETTINGS}
 
 
 class ContextWarning(UserWarning):
@@ -123,14 +124,69 @@ class _friendly_oom:
 
 def _file_id(volume) -> tuple | None:
     """(path, size, mtime) of a volume given as a file, else None (DICOM folders are read each time)."""
-    if not isinstance(volume, (str, os.PathLike)):
-        return None
     try:
         path = Path(volume).resolve()
         stat = path.stat()
     except OSError:
         return None  # read_volume says what is wrong
     return (str(path), stat.st_size, stat.st_mtime_ns) if path.is_file() else None
+
+
+def _frozen(array: np.ndarray) -> bool:
+    """Voxels that cannot change: the array and every array it views are read-only (the model
+    server's uploads, views of immutable bytes); a writable array may change in place."""
+    while isinstance(array, np.ndarray):
+        if array.flags.writeable:
+            return False
+        array = array.base
+    return True
+
+
+class _KnownVolumes:
+    """Cache keys of volumes met before, so that a follow-up does not read and hash them again:
+    files by (path, size, mtime), Volumes with frozen voxels by identity (weak references, so a
+    new object at a reused address is not mistaken for an old one)."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self._keys: OrderedDict[tuple, tuple] = OrderedDict()
+        self._size = size
+
+    @staticmethod
+    def _identity(volume) -> tuple | None:
+        if isinstance(volume, (str, os.PathLike)):
+            file = _file_id(volume)
+            return None if file is None else ("file", *file)
+        if isinstance(volume, Volume) and _frozen(volume.array):
+            return ("volume", id(volume), id(volume.array), volume.modality, volume.sequence,
+                    volume.affine.tobytes())
+        return None
+
+    def get(self, volume) -> tuple[tuple | None, str | None]:
+        identity = self._identity(volume)
+        entry = self._keys.get(identity) if identity is not None else None
+        if entry is not None and all(ref() is obj for ref, obj in zip(entry[1:], _referents(volume))):
+            self._keys.move_to_end(identity)
+            return identity, entry[0]
+        return identity, None
+
+    def put(self, identity: tuple, volume, key: str) -> None:
+        self._keys[identity] = (key, *(weakref.ref(obj) for obj in _referents(volume)))
+        while len(self._keys) > self._size:
+            self._keys.popitem(last=False)
+
+
+def _referents(volume) -> tuple:
+    """The objects whose identity a remembered key stands for (none for a file)."""
+    return (volume, volume.array) if isinstance(volume, Volume) else ()
+
+
+def _members(volume) -> list[tuple[str | None, object]]:
+    """(sequence, volume) of each volume of a volume, a list or a {sequence: volume} study."""
+    if volume is None:
+        return []
+    if isinstance(volume, dict):
+        return list(volume.items())
+    return [(None, v) for v in volume] if isinstance(volume, list) else [(None, volume)]
 
 
 class Pipeline:
@@ -145,8 +201,8 @@ class Pipeline:
         self.preprocess_config: PreprocessConfig = PRESETS[model.config.preprocess_preset]
         self.num_image_tokens: int = model.config.num_image_tokens
         self.stop_token_ids: list[int] = stop_token_ids(model, tokenizer)  # all the release lists, not only EOS
-        self._cache: OrderedDict[str, tuple[torch.Tensor, list[str]]] = OrderedDict()  # tokens, steps applied
-        self._file_keys: dict[tuple, str] = {}  # (path, size, mtime) -> cache key: a file is read once
+        self._cache: OrderedDict[str, tuple[torch.Tensor, dict]] = OrderedDict()  # tokens, preprocessing applied
+        self._known = _KnownVolumes()  # a file or frozen Volume asked about again is not read and hashed again
         self._cache_size = cache_size
         self._lock = threading.Lock()  # one generation at a time on one model
 
@@ -174,64 +230,77 @@ class Pipeline:
 
     def pixels(self, volume: VolumeLike) -> torch.Tensor:
         """The model input (1, 1, D, H, W) for a volume."""
-        return preprocess(self.as_volume(volume), self.preprocess_config, device=self.device)[None].to(self.dtype)
+        return self._prepared(volume)[0]
+
+    def _prepared(self, volume: VolumeLike) -> tuple[torch.Tensor, dict]:
+        """The model input and the preprocessing applied to make it (provenance)."""
+        image, done = prepare(self.as_volume(volume), self.preprocess_config, device=self.device)
+        return image[None].to(self.dtype), done
 
     def _cache_key(self, volume: Volume) -> str:
         digest = hashlib.blake2b(digest_size=16)
-        array = np.ascontiguousarray(volume.array)
-        digest.update(str((array.shape, array.dtype.str, volume.modality, volume.sequence,
+        array = volume.array
+        # Bytes in memory order: a NIfTI reader's Fortran-ordered array is hashed without a copy.
+        order = "F" if array.flags.f_contiguous and not array.flags.c_contiguous else "C"
+        array = array if array.flags[f"{order}_CONTIGUOUS"] else np.ascontiguousarray(array)
+        digest.update(str((array.shape, array.dtype.str, order, volume.modality, volume.sequence,
                            self.preprocess_config)).encode())
         digest.update(np.ascontiguousarray(volume.affine).tobytes())
-        digest.update(memoryview(array).cast("B"))
+        digest.update(memoryview(array.reshape(-1, order=order)).cast("B"))
         return digest.hexdigest()
 
     def _key_of(self, volume: VolumeLike) -> tuple[str, Volume | None]:
         """The cache key of a volume, and the volume if it had to be read: a file asked about
-        before (same size and modification time) is not read and hashed again."""
-        file = _file_id(volume)
-        if file is not None and file in self._file_keys:
-            return self._file_keys[file], None
+        before (same size and modification time), or a Volume whose voxels are read-only, is not
+        read and hashed again."""
+        identity, key = self._known.get(volume)
+        if key is not None:
+            return key, None
         loaded = self.as_volume(volume)
         key = self._cache_key(loaded)
-        if file is not None:
-            self._file_keys[file] = key
+        if identity is not None:
+            self._known.put(identity, volume, key)
         return key, loaded
 
     def encode(self, volume: VolumeLike) -> torch.Tensor:
         """Image tokens (1, N, hidden) of a volume; computed once per volume content and cached."""
         return self._encoded(volume)[0]
 
-    def _encoded(self, volume: VolumeLike) -> tuple[torch.Tensor, list[str]]:
+    def _encoded(self, volume: VolumeLike) -> tuple[torch.Tensor, dict]:
         key, loaded = self._key_of(volume)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
         loaded = loaded if loaded is not None else self.as_volume(volume)
         with _friendly_oom("encoding the volume"), torch.inference_mode():
-            tokens = self.model.encode_images(self.pixels(loaded))
-        self._cache[key] = tokens, describe(loaded, self.preprocess_config)
+            pixels, done = self._prepared(loaded)
+            tokens = self.model.encode_images(pixels)
+        self._cache[key] = tokens, done
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return self._cache[key]
 
     # ----- provenance ----------------------------------------------------------------------------
-    def provenance(self, task: str, volume: VolumeLike | None = None, **settings) -> dict:
-        """What produces ``task`` ("report", "ask", "detect", "retrieve") for ``volume`` with these
-        generation ``settings``: model, weights digest, package, device, precision, quantization,
-        the preprocessing applied to the volume, the generation settings and seed (plain JSON;
-        callers add the time taken)."""
-        record = {"task": task, "package": f"med3dvlm {__version__}", "model": self.model_name,
-                  "weights_blake2b": self.weights, "device": str(self.device),
-                  "dtype": str(self.dtype).replace("torch.", ""), "quantization": self.quantization,
-                  "created": now()}
-        if volume is not None:
-            config = self.detector.preprocess_config if task == "detect" else self.preprocess_config
-            steps = self._encoded(volume)[1] if task in ("report", "ask") else describe(self.as_volume(volume), config)
-            record["preprocessing"] = {**{k: v for k, v in asdict(config).items() if k != "dtype"}, "steps": steps}
-        if task in ("report", "ask"):
-            record["generation"] = asdict((REPORT_SETTINGS if task == "report" else ANSWER_SETTINGS).updated(**settings))
-            record["seed"] = torch.initial_seed()
-        return json.loads(json.dumps(record))  # plain JSON (lists, not tuples): the same as a server sends
+    def provenance(self, task: str, volume=None, **settings) -> dict:
+        """How ``task`` ("report", "ask", "detect", "retrieve", "evaluate") is done for ``volume``
+        (for "detect" also a list or {sequence: volume} study) with these generation ``settings``
+        (as passed to report/ask): model, weights digest, package, device, precision,
+        quantization, the preprocessing applied to each volume, generation settings, seed (see
+        provenance.record). Plain JSON; callers add ``seconds``. Report and ask return text, so
+        this is how their callers learn what produced it; a volume they encoded is not read,
+        preprocessed or encoded again here."""
+        config = self.detector.preprocess_config if task == "detect" and self.detector else self.preprocess_config
+        preprocessing = {"preset": {k: v for k, v in asdict(config).items() if k != "dtype"},
+                         "volumes": [self._applied(task, v, config, sequence) for sequence, v in _members(volume)]}
+        defaults = GENERATION_DEFAULTS.get(task)
+        return record(self, task, preprocessing=preprocessing,
+                      generation=asdict(defaults.updated(**settings)) if defaults else None)
+
+    def _applied(self, task: str, volume, config: PreprocessConfig, sequence: str | None) -> dict:
+        if task in GENERATION_DEFAULTS:  # encoded for the answer: remembered with its image tokens
+            return self._encoded(volume)[1]
+        loaded = self.as_volume(volume)
+        return {**({"sequence": sequence or loaded.sequence} if task == "detect" else {}), **applied(loaded, config)}
 
     # ----- generation ----------------------------------------------------------------------------
     def report(self, volume: VolumeLike, *, instruction: str = prompts.REPORT_PROMPT,

@@ -131,6 +131,8 @@ class _Scaling:
     high: float
     clamp: bool
     text: str
+    mode: str  # "kept", "window", "percentile" or "minmax": what was applied (provenance)
+    window: tuple[float, float] | None = None  # (level, width) when a CT window was applied
 
     @property
     def identity(self) -> bool:
@@ -149,6 +151,7 @@ class _Plan:
     box: tuple[slice, ...]  # foreground crop, canonical axes
     identity: bool  # already model-ready: only reorientation
     steps: list[str]
+    applied: dict  # the concrete values, plain JSON (see ``applied``)
 
 
 def _orient(volume: Volume, orientation: str) -> tuple[np.ndarray, tuple[float, ...], str]:
@@ -213,7 +216,8 @@ def _scaling(volume: Volume, voxels: torch.Tensor, config: PreprocessConfig) -> 
     mode = config.intensity
     if mode == "auto":
         if 0 <= low and high <= 1:
-            return _Scaling(0.0, 1.0, False, f"intensities already in [0, 1] ({low:.4g} to {high:.4g}): kept")
+            return _Scaling(0.0, 1.0, False, f"intensities already in [0, 1] ({low:.4g} to {high:.4g}): kept",
+                            "kept")
         hu_like = volume.modality == "unknown" and low <= -500 and high > 0
         mode = ("window" if volume.modality == "CT" or hu_like else
                 "percentile" if volume.modality == "MR" else "minmax")
@@ -223,7 +227,7 @@ def _scaling(volume: Volume, voxels: torch.Tensor, config: PreprocessConfig) -> 
         source = "given" if config.window else region
         return _Scaling(level - width / 2, level + width / 2, True,
                         f"CT window L{level:g}/W{width:g} ({source}): [{level - width / 2:g}, "
-                        f"{level + width / 2:g}] HU -> [0, 1]")
+                        f"{level + width / 2:g}] HU -> [0, 1]", "window", (float(level), float(width)))
     if mode == "percentile":
         p_low, p_high = _percentiles(voxels, config.percentiles)
         if p_high > p_low:
@@ -231,11 +235,11 @@ def _scaling(volume: Volume, voxels: torch.Tensor, config: PreprocessConfig) -> 
             return _Scaling(p_low, p_high, True,
                             f"{volume.modality} ({sequence}) percentiles p{config.percentiles[0]:g}-"
                             f"p{config.percentiles[1]:g} of this volume = [{p_low:.4g}, {p_high:.4g}]"
-                            " -> [0, 1]")
+                            " -> [0, 1]", "percentile")
     if high <= low:
         raise VolumeError(f"{volume.name} is constant (every voxel is {low:g}); it holds no image.")
     prefix = "percentiles coincide; " if mode == "percentile" else ""
-    return _Scaling(low, high, False, f"{prefix}min-max [{low:.4g}, {high:.4g}] -> [0, 1]")
+    return _Scaling(low, high, False, f"{prefix}min-max [{low:.4g}, {high:.4g}] -> [0, 1]", "minmax")
 
 
 def _foreground_box(volume: Volume, voxels: torch.Tensor, scaling: _Scaling) -> tuple[slice, ...]:
@@ -273,7 +277,8 @@ def _plan(volume: Volume, config: PreprocessConfig, device: torch.device) -> _Pl
     full = tuple(slice(0, n) for n in voxels.shape)
     if scaling.identity and view.shape == config.shape:
         steps.append(f"already model-ready: in [0, 1] at {_dims(config.shape)}, passed unchanged")
-        return _Plan(voxels, order, flips, spacing_c, scaling, full, True, steps)
+        return _Plan(voxels, order, flips, spacing_c, scaling, full, True, steps,
+                     _record(view.shape, orient_text, scaling, None, config, steps))
     steps.append(scaling.text)
     box = full
     if config.crop_foreground:
@@ -293,7 +298,27 @@ def _plan(volume: Volume, config: PreprocessConfig, device: torch.device) -> _Pl
                          f"{_dims(resampled)}")
             size = resampled
         steps.append(f"centre crop/zero-pad {_dims(size)} -> {_dims(config.shape)}")
-    return _Plan(voxels, order, flips, spacing_c, scaling, box, False, steps)
+    crop = _view_box(box, order, flips, view.shape) if config.crop_foreground else None
+    return _Plan(voxels, order, flips, spacing_c, scaling, box, False, steps,
+                 _record(view.shape, orient_text, scaling, crop, config, steps))
+
+
+def _view_box(box: tuple[slice, ...], order: tuple[int, ...], flips: tuple[int, ...], shape) -> list[list[int]]:
+    """The crop box as [start, stop) per model axis (D, H, W) of the reoriented volume (the
+    canonical tensor runs backwards along the ``flips`` axes)."""
+    spans = []
+    for d in range(3):
+        part, n = box[order.index(d)], shape[d]
+        spans.append([n - part.stop, n - part.start] if d in flips else [part.start, part.stop])
+    return spans
+
+
+def _record(shape, orient_text: str, scaling: _Scaling, crop, config: PreprocessConfig, steps) -> dict:
+    return {"orientation": config.orientation.upper(), "reoriented_shape": [int(n) for n in shape],
+            "intensity": scaling.mode, "window": list(scaling.window) if scaling.window else None,
+            "range": [scaling.low, scaling.high],  # raw values mapped to 0 and 1
+            "crop_box": crop, "resize": config.resize_mode, "spacing": list(config.spacing) if config.spacing else None,
+            "output_shape": [int(n) for n in config.shape], "steps": list(steps)}
 
 
 def _resampled_size(size, spacing, target) -> tuple[int, ...]:
@@ -343,6 +368,12 @@ def preprocess(volume: Volume, config: PreprocessConfig = MED3DVLM,
     Raises VolumeError for unusable volumes (see ``validation.validate_volume``) and for volumes
     left blank by the chosen window.
     """
+    return prepare(volume, config, device)[0]
+
+
+def prepare(volume: Volume, config: PreprocessConfig = MED3DVLM,
+            device: str | torch.device | None = None) -> tuple[torch.Tensor, dict]:
+    """``preprocess`` and the record of what it applied (``applied``), planned once."""
     device = torch.device(device or "cpu")
     plan = _plan(volume, config, device)
     image = plan.voxels if plan.identity else _to_model_grid(plan, config)
@@ -351,9 +382,17 @@ def preprocess(volume: Volume, config: PreprocessConfig = MED3DVLM,
     image = image.permute(_model_order(range(3), plan.order)).to(config.dtype).contiguous()
     if _shares_memory(image, plan.voxels):  # never hand out a view of the caller's array
         image = image.clone()
-    return image[None]
+    return image[None], plan.applied
 
 
 def describe(volume: Volume, config: PreprocessConfig = MED3DVLM) -> list[str]:
     """Human-readable steps ``preprocess`` would apply to ``volume`` (for ``med3dvlm info``)."""
     return _plan(volume, config, torch.device("cpu")).steps
+
+
+def applied(volume: Volume, config: PreprocessConfig = MED3DVLM) -> dict:
+    """The concrete preprocessing of ``volume`` as plain JSON (provenance): orientation and the
+    reoriented shape, intensity mode, CT window (level, width), the raw range mapped to [0, 1],
+    the foreground crop box ([start, stop) per model axis D, H, W of the reoriented volume; None
+    when not cropping), resize mode, output shape and the human-readable steps."""
+    return _plan(volume, config, torch.device("cpu")).applied

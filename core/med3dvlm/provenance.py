@@ -1,10 +1,13 @@
 """What produced an output: model and weights, package, preprocessing, generation settings, device.
 
-Every JSON the CLI and the model server return carries such a record, and the Slicer module keeps
-it on the text and table nodes, so that a saved report says how it was made. The weights are
-named by a BLAKE2b digest of their files' bytes; a 15 GB release takes a while to hash, so the
-digest is computed once per file version (path, size, modification time) and remembered in
-``~/.cache/med3dvlm/weights.json``.
+Every JSON the CLI and the model server return carries such a record (``record``), and the Slicer
+module keeps it on the text and table nodes, so that a saved report says how it was made.
+
+The weights are named by a BLAKE2b digest of their files' bytes, not of a header: two checkpoints
+with the same tensor names and shapes would share a header. Hashing runs at about 0.9 GB/s on one
+core (measured: 157 MB in 0.17 s), so a 15 GB release costs ~17 s once; the digest of each file
+version (path, size, modification time) is remembered in ``~/.cache/med3dvlm/weights.json`` so
+every later load costs only a ``stat`` per file.
 """
 
 from __future__ import annotations
@@ -13,11 +16,15 @@ import hashlib
 import json
 import os
 import random
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from . import __version__
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 CHUNK = 1 << 22
+_seed: int | None = None  # set by ``deterministic``; None: the process was not seeded
 
 
 def _cache_file() -> Path:
@@ -50,19 +57,24 @@ def weights_digest(*folders: Path) -> str:
         for path in sorted(p for p in Path(folder).rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file()):
             total.update(f"{path.relative_to(folder)}:{file_digest(path, remembered)}\n".encode())
     if len(remembered) != known:
-        try:
+        try:  # atomically: torchrun ranks load (and write this) at the same time
             cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps(remembered, indent=0))
+            partial = cache.with_name(f"{cache.name}.{os.getpid()}")
+            partial.write_text(json.dumps(remembered, indent=0))
+            partial.replace(cache)
         except OSError:
             pass  # a read-only home: the digest is recomputed next time
     return total.hexdigest()
 
 
 def deterministic(seed: int = 0) -> None:
-    """Same text on rerun on the same machine: fixed seeds and deterministic kernels."""
+    """Same text on rerun on the same machine: fixed seeds (sampling, if asked for, is then
+    reproducible too) and deterministic kernels."""
     import numpy as np
     import torch
 
+    global _seed
+    _seed = seed
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -72,3 +84,18 @@ def deterministic(seed: int = 0) -> None:
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def record(pipe, task: str, *, preprocessing: dict | None = None, generation: dict | None = None) -> dict:
+    """The provenance of ``task`` done by ``pipe`` (a Pipeline, or anything with its ``model_name``,
+    ``weights``, ``device``, ``dtype`` and ``quantization``), as plain JSON. ``preprocessing``:
+    the preset and what was applied to each volume; ``generation``: the settings used. Callers add
+    ``seconds``, the time taken."""
+    torch = sys.modules.get("torch")  # not imported (a stand-in model): no deterministic kernels either
+    made = {"task": task, "package": f"med3dvlm {__version__}", "model": pipe.model_name,
+            "weights_blake2b": getattr(pipe, "weights", None), "device": str(pipe.device),
+            "dtype": str(pipe.dtype).replace("torch.", ""), "quantization": pipe.quantization,
+            "preprocessing": preprocessing, "generation": generation,
+            "seed": _seed, "deterministic": bool(torch and torch.are_deterministic_algorithms_enabled()),
+            "created": now()}
+    return json.loads(json.dumps(made))  # plain JSON (lists, not tuples): what a server sends

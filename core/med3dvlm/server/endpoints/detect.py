@@ -28,6 +28,6 @@ async def detect(body: DetectRequest, request: Request):
 
     def work(pipeline, job):
         job.emit("status", stage="generating")
-        provenance = pipeline.provenance("detect", volumes[0] if len(volumes) == 1 else None)
-        return {"detection": pipeline.detect(study).to_dict(), "provenance": provenance}
+        detection = pipeline.detect(study).to_dict()
+        return {"detection": detection, "provenance": pipeline.provenance("detect", study)}
     return stream_job(request, "detect", work)
