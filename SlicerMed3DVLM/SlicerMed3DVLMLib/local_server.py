@@ -4,7 +4,7 @@ free loopback port with a random token, started on first use, stopped with the m
 Nothing here blocks: :meth:`LocalServer.poll` says whether the server listens yet (it writes a
 ready file once it does) and raises with the last line of its log when it exited instead. The
 server's standard input is a pipe held by Slicer, so the server exits when Slicer does, even
-after a crash (``--exit-with-stdin``).
+after a crash (``--exit-with-stdin``). Stopping it does not wait either, except when the module closes.
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ class LocalServer:
         self.folder: Path | None = None
         self._token = ""
         self._server: Server | None = None
+        self._stopping: list[tuple[subprocess.Popen, Path]] = []  # told to stop, not yet gone
 
     @property
     def running(self) -> bool:
@@ -113,15 +114,23 @@ class LocalServer:
         log = self.folder / "server.log" if self.folder else None
         return log.read_text(errors="replace") if log is not None and log.exists() else ""
 
-    def stop(self, timeout: float = 5.0) -> None:
-        process, self.process, self._server = self.process, None, None
-        if process is not None and process.poll() is None:
-            process.stdin.close()  # the server's own way out: it stops when its input closes
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            self.folder = None
+    def stop(self, wait: float | None = None) -> None:
+        """Tell the server to stop: it exits when its input closes (0.3-1.2 s, torch's teardown).
+        Without ``wait`` Slicer does not wait for that (a settings change, Restart); the process is
+        reaped later. With ``wait`` (module closing) it and earlier ones get that many seconds, then
+        are killed."""
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.stdin.close()  # the server's own way out
+            self._stopping.append((self.process, self.folder))
+        self.process = self.folder = self._server = None
+        for process, folder in list(self._stopping):
+            if wait is not None and process.poll() is None:
+                try:
+                    process.wait(wait)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+            if process.poll() is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+                self._stopping.remove((process, folder))

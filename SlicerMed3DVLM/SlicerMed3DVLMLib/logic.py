@@ -183,7 +183,7 @@ class Med3DVLMLogic:
         if self._request is not None:
             self._request.detached = True
         self._request = None
-        self._link.shutdown()
+        self._link.shutdown(timeout)
         return not self._link.local.running
 
     # ----- requests ---------------------------------------------------------------------------

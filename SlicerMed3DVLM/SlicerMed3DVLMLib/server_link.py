@@ -132,13 +132,13 @@ class ServerLink:
         if self.remote is None:
             self.local.start(self.settings)
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: float = 5.0) -> None:
         if self._current is not None:
             self._current.task.close()
             self._current.finished = True
             self._current = None
         self._stop_timer()
-        self.local.stop()
+        self.local.stop(wait=timeout)
 
     # ----- the request's task -------------------------------------------------------------------
     def _run(self, request: Request):

@@ -26,6 +26,7 @@ import h11
 
 from .. import __version__
 from ..errors import Med3DVLMError
+from ..server.config import is_loopback
 
 PIECE = 1 << 20  # body bytes handed to h11 at a time
 CONNECT_TIMEOUT = 10.0
@@ -75,7 +76,7 @@ class Server:
 
     @property
     def is_local(self) -> bool:
-        return self.host in ("localhost", "127.0.0.1", "::1")
+        return is_loopback(self.host)
 
 
 @dataclass
