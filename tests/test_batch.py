@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import nibabel as nib
-import numpy as np
 
 from med3dvlm.data.phantoms import make_ct_phantom
 

@@ -35,7 +35,7 @@ from .errors import Med3DVLMError, ModelError
 from .generation import ANSWER_SETTINGS, REPORT_SETTINGS, CallbackStreamer, GenerationSettings, stopping_criteria
 from .preprocess import PRESETS, PreprocessConfig, applied, prepare
 from .provenance import record, weights_digest
-from .readers import read_volume
+from .readers import file_version, read_volume
 from .resources import demo_detector_dir, demo_model_dir
 from .volume import Volume
 
@@ -122,16 +122,6 @@ class _friendly_oom:
         return False
 
 
-def _file_id(volume) -> tuple | None:
-    """(path, size, mtime) of a volume given as a file, else None (DICOM folders are read each time)."""
-    try:
-        path = Path(volume).resolve()
-        stat = path.stat()
-    except OSError:
-        return None  # read_volume says what is wrong
-    return (str(path), stat.st_size, stat.st_mtime_ns) if path.is_file() else None
-
-
 def _frozen(array: np.ndarray) -> bool:
     """Voxels that cannot change: the array and every array it views are read-only (the model
     server's uploads, views of immutable bytes); a writable array may change in place."""
@@ -154,7 +144,7 @@ class _KnownVolumes:
     @staticmethod
     def _identity(volume) -> tuple | None:
         if isinstance(volume, (str, os.PathLike)):
-            file = _file_id(volume)
+            file = file_version(volume)
             return None if file is None else ("file", *file)
         if isinstance(volume, Volume) and _frozen(volume.array):
             return ("volume", id(volume), id(volume.array), volume.modality, volume.sequence,

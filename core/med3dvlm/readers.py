@@ -30,6 +30,17 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse: also RAS -> LPS
 
 
 # ----------------------------------------------------------------------------- reading
+def file_version(path) -> tuple | None:
+    """(path, size, mtime) of a volume file, to recognise it when asked about again without reading
+    it; None for a DICOM folder (read each time) or a path that cannot be read (read_volume says why)."""
+    try:
+        path = Path(path).expanduser().resolve()
+        stat = path.stat()
+    except OSError:
+        return None
+    return (str(path), stat.st_size, stat.st_mtime_ns) if path.is_file() else None
+
+
 def read_volume(
     path: str | Path,
     *,

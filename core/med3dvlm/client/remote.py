@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -22,7 +21,7 @@ from .. import prompts
 from ..cancel import CancelToken
 from ..detection_result import DetectionResult
 from ..errors import Med3DVLMError
-from ..readers import read_volume
+from ..readers import file_version, read_volume
 from ..volume import Volume
 from . import tasks
 from .transport import Server, run
@@ -33,7 +32,7 @@ TokenCallback = Callable[[str], None]
 class RemotePipeline:
     def __init__(self, url: str, token: str | None = None, ca_file: str | None = None) -> None:
         self.server = Server(url, token, ca_file)
-        self._files: dict[tuple, str] = {}  # (path, mtime, size) -> digest
+        self._files: dict[tuple, str] = {}  # file_version -> digest
         self.last_provenance: dict | None = None  # what produced the last answer (model, weights, settings)
         self._info = self.info()
 
@@ -56,13 +55,8 @@ class RemotePipeline:
 
     def _digest(self, volume):
         if isinstance(volume, (str, os.PathLike)):
-            path = Path(volume).expanduser().resolve()
-            try:
-                stat = path.stat()
-                key = (str(path), stat.st_mtime_ns, stat.st_size)
-            except OSError:
-                key = None  # read_volume says what is wrong with the path
-            digest = yield from tasks.ensure_volume(self.server, lambda: read_volume(path), self._files.get(key))
+            key = file_version(volume)
+            digest = yield from tasks.ensure_volume(self.server, lambda: read_volume(volume), self._files.get(key))
             if key is not None:
                 self._files[key] = digest
             return digest
