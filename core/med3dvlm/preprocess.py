@@ -14,6 +14,7 @@ axis permutations are applied to the small resized output (linear interpolation 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -374,15 +375,42 @@ def preprocess(volume: Volume, config: PreprocessConfig = MED3DVLM,
 def prepare(volume: Volume, config: PreprocessConfig = MED3DVLM,
             device: str | torch.device | None = None) -> tuple[torch.Tensor, dict]:
     """``preprocess`` and the record of what it applied (``applied``), planned once."""
-    device = torch.device(device or "cpu")
-    plan = _plan(volume, config, device)
+    plan = _plan(volume, config, torch.device(device or "cpu"))
+    return _render(plan, config)[None], plan.applied
+
+
+def _render(plan: _Plan, config: PreprocessConfig) -> torch.Tensor:
     image = plan.voxels if plan.identity else _to_model_grid(plan, config)
     if plan.flips:  # flip while the axes are still in memory order: one contiguous copy
         image = image.flip([plan.order.index(d) for d in plan.flips])
     image = image.permute(_model_order(range(3), plan.order)).to(config.dtype).contiguous()
     if _shares_memory(image, plan.voxels):  # never hand out a view of the caller's array
         image = image.clone()
-    return image[None], plan.applied
+    return image
+
+
+def carry(volume: Volume, maps: np.ndarray, config: PreprocessConfig = MED3DVLM) -> torch.Tensor:
+    """Maps on the volume's voxel grid (C, i, j, k), values in [0, 1] (e.g. one-hot masks),
+    taken through exactly the reorientation, crop and resize of the volume's pixels.
+
+    Returns (C, D, H, W) float32 aligned voxel for voxel with ``preprocess(volume, config)``:
+    a one-hot mask becomes the occupancy of each model voxel. The crop box is the image's.
+    """
+    maps = np.asarray(maps)
+    if maps.ndim != 4 or maps.shape[1:] != volume.array.shape:
+        raise ValueError(f"maps must be (C, {', '.join(map(str, volume.array.shape))}), got {maps.shape}")
+    plan = _plan(volume, config, torch.device("cpu"))
+    identity = _Scaling(0.0, 1.0, False, "", "kept")
+    out = []
+    for channel in maps:
+        laid_out = np.empty_like(volume.array, dtype=np.float32)  # the image's memory layout,
+        laid_out[...] = channel                                   # hence the same axis order
+        view, _, _ = _orient(dataclasses.replace(volume, array=laid_out), config.orientation)
+        voxels, order, flips = _as_tensor(view, torch.device("cpu"))
+        assert (order, flips) == (plan.order, plan.flips)
+        mapped = dataclasses.replace(plan, voxels=voxels, scaling=identity)
+        out.append(_render(mapped, dataclasses.replace(config, dtype=torch.float32)))
+    return torch.stack(out)
 
 
 def describe(volume: Volume, config: PreprocessConfig = MED3DVLM) -> list[str]:

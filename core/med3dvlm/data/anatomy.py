@@ -237,7 +237,7 @@ def build_anatomy(rng: np.random.Generator, shape=None) -> Anatomy:
         hilum = Blob((kb.center[0] - sign * 0.65 * kb.axes[0], kb.center[1] + 6, kb.center[2]),
                      (0.45 * kb.axes[0], 0.4 * kb.axes[1], 0.35 * kb.axes[2]))
         hs, hr = blob_radius(grid, hilum)
-        p.paint(hs, (hr < 1) & (p.labels[hs] == label), FAT)
+        p.paint(hs, (hr < 1) & (p.labels[hs] == label), FAT, 0)  # sinus fat: not parenchyma
 
     # Bowel loops in the lower abdomen: soft-tissue wall around fluid or gas.
     for _ in range(int(rng.integers(6, 13))):

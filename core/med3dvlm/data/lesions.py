@@ -29,9 +29,11 @@ LOCATIONS: dict[str, tuple[str, ...]] = {
 }
 FLUID_LOCATION = {"liver": "perihepatic", "left lung": "base", "right lung": "base"}
 # Diameter (fluid: depth) ranges in mm: large enough to stay visible at 128 x 128 x 32.
-SIZE_MM = {"cyst": (14, 45), "mass": (20, 55), "calcification": (8, 15),
-           "haemorrhage": (18, 45), "fluid": (15, 35)}
-MIN_SIZE_MM = {"cyst": 12, "mass": 15, "calcification": 6, "haemorrhage": 15, "fluid": 12}
+SIZE_MM = {"cyst": (20, 45), "mass": (20, 55), "calcification": (16, 24),
+           "haemorrhage": (20, 45), "fluid": (15, 35)}
+MIN_SIZE_MM = {"cyst": 18, "mass": 18, "calcification": 14, "haemorrhage": 18, "fluid": 12}
+# Smallest semi-axis along z (mm): a lesion spans at least two of the demo input's ~9 mm slices.
+MIN_HALF_DEPTH_MM = {"cyst": 11, "mass": 11, "calcification": 9, "haemorrhage": 11}
 N_FINDINGS_P = (0.25, 0.4, 0.35)          # probability of 0, 1, 2 findings
 _TISSUE = {"cyst": A.CYST, "mass": A.MASS, "calcification": A.CALC, "haemorrhage": A.HAEM}
 
@@ -121,7 +123,9 @@ def _place_lesion(anat, rng, organ, kind, fmap, index) -> Finding | None:
             size = max(MIN_SIZE_MM[kind], size * 0.8)
         pick = cand[rng.integers(cand.size)]
         center = (float(x[pick]), float(y[pick]), float(z[pick]))
-        axes = tuple(float(v) for v in size / 2 * rng.uniform(0.85, 1.0, 3))
+        axes = size / 2 * rng.uniform(0.85, 1.0, 3)
+        axes[2] = max(axes[2], MIN_HALF_DEPTH_MM[kind])   # through-plane: survive thick slices
+        axes = tuple(float(v) for v in axes)
         blob = A.Blob(center, axes, float(rng.uniform(0, np.pi)), A.random_wobble(rng, wobble))
         sl, r = A.blob_radius(g, blob)
         lesion = r < 1
@@ -135,7 +139,7 @@ def _place_lesion(anat, rng, organ, kind, fmap, index) -> Finding | None:
             continue
         tissue = np.full(r.shape, _TISSUE[kind], np.uint8)
         if kind == "mass":               # enhancing rim around a necrotic core
-            tissue[r > 1 - 3.5 / (size / 2)] = A.MASS_RIM
+            tissue[r > 1 - 2.5 / (size / 2)] = A.MASS_RIM
             tissue[r < 0.45] = A.MASS_CORE
         anat.tissue[sl][inside] = tissue[inside]
         anat.labels[sl][inside] = label

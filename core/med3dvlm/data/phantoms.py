@@ -21,7 +21,7 @@ __all__ = ["ABNORMALITIES", "ALLOWED", "CT_PHASES", "GENERATOR_VERSION", "LABELS
            "ORGANS", "ORIENTATIONS", "Finding", "GroundTruth", "MRStudy", "Phantom",
            "make_ct_phantom", "make_mr_study"]
 
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "2.0"
 LABELS = A.LABELS
 ORIENTATIONS = ("LPS", "LAS", "RAS", "LPI")   # direction in which i, j, k increase
 CT_PHASES = ("non-contrast", "portal venous")
@@ -30,12 +30,12 @@ CT_PHASES = ("non-contrast", "portal venous")
 _CT = {
     A.AIR: (-1000, -1000, 0, 0), A.LUNG: (-860, -850, 25, 15), A.FAT: (-100, -100, 8, 6),
     A.MUSCLE: (50, 60, 4, 4), A.SOFT: (40, 80, 5, 5), A.BLOOD: (45, 160, 2, 2),
-    A.LIVER: (60, 110, 4, 3), A.SPLEEN: (50, 115, 3, 3), A.CORTEX: (36, 175, 3, 3),
-    A.MEDULLA: (32, 120, 3, 3), A.BONE: (700, 700, 60, 40), A.MARROW: (250, 260, 40, 30),
+    A.LIVER: (60, 110, 4, 3), A.SPLEEN: (50, 115, 3, 3), A.CORTEX: (40, 165, 3, 3),
+    A.MEDULLA: (38, 150, 3, 3), A.BONE: (700, 700, 60, 40), A.MARROW: (250, 260, 40, 30),
     A.GUT: (18, 18, 6, 6), A.GAS: (-950, -950, 20, 10), A.CSF: (5, 5, 2, 2),
     A.DISC: (80, 85, 5, 5), A.VESSEL: (40, 150, 5, 5), A.CYST: (5, 5, 1, 1),
-    A.MASS: (22, 60, 6, 10), A.MASS_RIM: (32, 125, 5, 8), A.MASS_CORE: (5, 10, 4, 4),
-    A.CALC: (750, 750, 80, 60), A.HAEM: (80, 80, 4, 6), A.FLUID: (8, 8, 2, 2),
+    A.MASS: (5, 45, 8, 10), A.MASS_RIM: (20, 90, 5, 8), A.MASS_CORE: (0, 10, 4, 4),
+    A.CALC: (750, 750, 80, 60), A.HAEM: (100, 55, 4, 6), A.FLUID: (8, 8, 2, 2),
 }
 # MRI, arbitrary units (ADC in 1e-6 mm^2/s): tissue -> (T1, T2, FLAIR, DWI, ADC, T1C).
 # T1C is a fat-suppressed post-contrast T1; DWI is fat-suppressed (b ~ 800).
@@ -152,7 +152,7 @@ def _truth(scene: _Scene, seed: int, modality: str, **extra) -> GroundTruth:
                        scene.stored(scene.finding_map), **extra)
 
 
-def _blur(a: np.ndarray, weights=(0.18, 0.18, 0.08)) -> np.ndarray:
+def _blur(a: np.ndarray, weights=(0.1, 0.1, 0.05)) -> np.ndarray:
     """Partial-volume smoothing: a 3-tap kernel (w, 1 - 2w, w) along each axis."""
     for axis, w in enumerate(weights):
         b = np.moveaxis(a, axis, 0)
@@ -180,7 +180,7 @@ def make_ct_phantom(seed: int, *, shape=None, n_findings: int | None = None) -> 
     hu = (_table(_CT, col)[t] + _table(_CT, 2)[t] * anat.texture[0]
           + _table(_CT, 3)[t] * anat.texture[1])
     hu = _blur(hu)
-    hu += rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(rng.uniform(8, 14))
+    hu += rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(rng.uniform(5, 8))
     array = scene.stored(np.clip(np.rint(hu), -1024, 3071).astype(np.int16))
     volume = Volume(array, scene.affine, "CT", None,
                     _metadata(scene, seed, phase=phase), f"ct_phantom_seed{seed}")
