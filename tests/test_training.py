@@ -13,7 +13,8 @@ from med3dvlm.train.volumes import cached_pixels
 
 
 def test_tiny_demo_recipe_loss_falls_and_the_bundle_loads(tmp_path):
-    recipe = DemoRecipe(n_phantoms=12, seed=3, lm_layers=2, lm_width=64, lm_heads=2,
+    recipe = DemoRecipe(n_phantoms=12, n_tower_phantoms=10, n_gate_phantoms=6, probe_gate=0.0, seed=3,
+                        lm_layers=2, lm_width=64, lm_heads=2,
                         siglip={"epochs": 3, "batch_size": 6, "lr": 1e-3},
                         vlm={"epochs": 3, "batch_size": 16, "lr": 3e-3})
     summary = train_demo(tmp_path / "model", tmp_path / "work", recipe, progress=False)
@@ -23,7 +24,9 @@ def test_tiny_demo_recipe_loss_falls_and_the_bundle_loads(tmp_path):
     assert pipe.retrieval is not None
     assert isinstance(pipe.report((tmp_path / "work" / "phantoms-0" / "M3D_Cap_npy" / "ct_case" / "000001").glob("*.nii.gz").__next__(),
                                   max_new_tokens=8), str)
-    assert json.loads((tmp_path / "model" / "recipe.json").read_text())["recipe"]["n_phantoms"] == 12
+    written = json.loads((tmp_path / "model" / "recipe.json").read_text())
+    assert written["recipe"]["n_phantoms"] == 12
+    assert set(written["probes"]) == {"encoder_tokens", "projector_tokens"}
 
 
 def test_pixel_cache_survives_a_moved_work_folder_and_fills_only_what_it_lacks(ct_dataset, tmp_path):

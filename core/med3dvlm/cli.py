@@ -11,6 +11,8 @@ from pathlib import Path
 
 from .errors import Med3DVLMError
 
+PROBE_FIT_N = 300  # phantoms the evaluation's image-token probe is fitted on
+
 
 def _add_model_args(p: argparse.ArgumentParser, remote: bool = True) -> None:
     p.add_argument("--model", default="demo", help="'demo' (bundled) or a model folder (default: demo)")
@@ -240,8 +242,15 @@ def cmd_evaluate(args) -> None:
         data = Path(args.work) / f"eval-phantoms-seed{args.seed}"
         if not (data / "manifest.json").is_file():
             write_dataset(data, n, args.seed, modality="CT", splits=(1.0, 0.0, 0.0), progress=True)
+    probe_fit = None
+    if args.probe_fit:  # other fresh phantoms for the image-token probe to learn from
+        if args.probe_fit == args.seed:
+            raise Med3DVLMError("--probe-fit must differ from --seed: the probe is scored on the evaluation phantoms.")
+        probe_fit = Path(args.work) / f"probe-fit-phantoms-seed{args.probe_fit}"
+        if not (probe_fit / "manifest.json").is_file():
+            write_dataset(probe_fit, PROBE_FIT_N, args.probe_fit, modality="CT", splits=(1.0, 0.0, 0.0), progress=True)
     pipe, started = _pipeline(args), time.perf_counter()
-    results = evaluate_phantoms(pipe, data, split=split, n=n)
+    results = evaluate_phantoms(pipe, data, split=split, n=n, probe_fit=probe_fit, probe_fit_n=PROBE_FIT_N)
     results["provenance"] = {**_provenance(pipe, "evaluate", None, {}, time.perf_counter() - started),
                              "generation": {"reports": asdict(REPORT_SETTINGS), "closed_vqa": "most likely choice"}}
     example = results.pop("example_report")
@@ -391,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="volumes (phantoms, default 100) or M3D-Cap samples for retrieval and reports (m3d, default 2000)")
     p.add_argument("--seed", type=int, default=12345, help="seed of fresh phantoms (default: 12345)")
     p.add_argument("--work", default="runs", help="where fresh phantoms are written (default: runs)")
+    p.add_argument("--probe-fit", type=int, default=777, metavar="SEED",
+                   help=f"phantoms: seed of {PROBE_FIT_N} other phantoms the image-token probe is fitted on "
+                        "(default: 777; 0 skips the probe)")
     p.add_argument("--json", help="phantoms: also write the results to this JSON file")
     m3d = p.add_argument_group("m3d benchmark")
     m3d.add_argument("--root", help="data root that the files' relative paths start from")

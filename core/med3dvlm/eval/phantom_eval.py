@@ -3,7 +3,9 @@
 - closed VQA: share of closed (A-D) questions whose chosen answer is the right one;
 - retrieval: image-to-report and report-to-image R@1/R@5 among ``n`` volumes (SigLIP towers);
 - reports: recall = share of true (organ, abnormality) findings the generated report states;
-  false mentions = share of stated findings that are not in the ground truth.
+  false mentions = share of stated findings that are not in the ground truth;
+- image-token probe (with ``probe_fit``): a linear probe on the projector's image tokens, fitted on
+  other phantoms, tells organ x kind on these (``eval.probe``; macro AUC).
 Findings are read from reports with ``data.reports.mentioned_findings``, the parser the phantom
 report writer round-trips with.
 """
@@ -18,6 +20,7 @@ from tqdm import tqdm
 
 from ..data.m3d import CAP_JSON, read_cap, read_vqa
 from ..data.reports import mentioned_findings
+from .probe import probe_auc, token_features
 from .retrieval import recall_at_k
 
 
@@ -32,8 +35,32 @@ def truth_pairs(data_root: Path) -> dict[str, set[tuple[str, str]]]:
     return out
 
 
+def _organ_kind(pairs: set[tuple[str, str]]):
+    from ..train.dense import present
+
+    return present([{"organ": o, "kind": k} for o, k in pairs])
+
+
+def token_probe(pipe, fit_root: Path, fit_n: int, images: list[str], truths: dict) -> dict:
+    """``eval.probe`` on the projector's image tokens: fitted on ``fit_root``'s first ``fit_n``
+    phantoms, scored on ``images``."""
+    import torch
+
+    from ..train.dense import PAIRS
+
+    fit_images = [str(c.image_path) for c in read_cap(fit_root / CAP_JSON, "train")[:fit_n]]
+    fit_truths = truth_pairs(fit_root)
+
+    def stack(paths, truth):
+        features = torch.cat([token_features(pipe.encode(p).float().cpu()) for p in paths])
+        return features, torch.stack([_organ_kind(truth[p]) for p in paths])
+
+    return probe_auc(*stack(fit_images, fit_truths), *stack(images, truths), names=[f"{o}/{k}" for o, k in PAIRS])
+
+
 def evaluate_phantoms(pipe, data_root: str | Path, split: str = "train", n: int = 100,
-                      progress: bool = True) -> dict:
+                      progress: bool = True, probe_fit: Path | None = None, probe_fit_n: int = 300) -> dict:
+    """``probe_fit``: a phantom dataset (other seed) to fit the image-token probe on; None skips it."""
     root = Path(data_root)
     caps = read_cap(root / CAP_JSON, split)[:n]
     images = {str(c.image_path) for c in caps}
@@ -67,4 +94,7 @@ def evaluate_phantoms(pipe, data_root: str | Path, split: str = "train", n: int 
                     "reports_with_invented_finding": float(np.mean(
                         [bool(mentioned_findings(r) - truths[str(c.image_path)]) for c, r in zip(caps, reports)])),
                     "example_report": reports[0]})
+    if probe_fit is not None:
+        probe = token_probe(pipe, Path(probe_fit), probe_fit_n, [str(c.image_path) for c in caps], truths)
+        results.update({"token_probe_macro_auc": probe["macro_auc"], "token_probe_pairs": probe["labels_scored"]})
     return results

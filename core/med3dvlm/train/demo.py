@@ -1,13 +1,17 @@
 """`med3dvlm train demo`: the recipe that builds the bundled demo model from fresh phantoms.
 
 Steps: write CT phantom datasets in the M3D layouts (two shards in parallel, one per core) ->
-train a BPE tokenizer on their text -> SigLIP pre-training of a DCFormer-nano image tower and a
-small BERT text tower, helped by a linear probe on the phantoms' ground-truth labels -> a VLM
-whose encoder is the SigLIP image tower (frozen) -> instruction tuning of projector + LM on
-reports (each also in a few more wordings, written from its labels) and VQA, with the image
-tokens kept centred (see ``vlm_stage``). The LM is a small Qwen2 trained from scratch, so it
-is trained fully together with the projector (a separate projector-only stage needs a pre-trained
-LM). Output: a model bundle with its retrieval towers in ``siglip/`` and the recipe that made it.
+train a BPE tokenizer on their text -> pre-train a DCFormer-nano image tower on phantoms of its
+own (four findings each, made in memory) with the sigmoid loss next to a small BERT text tower
+and organ-aware supervision from the phantoms' own masks (``dense``: organ, kind and organ x
+kind maps, per-token finding scores) -> the probe gate: a linear probe on the image tokens,
+fitted on the VLM's phantoms, must tell organ x kind on phantoms nobody trained on, else the
+build stops before the VLM stage -> a VLM whose encoder is that tower (frozen) -> instruction tuning of
+projector + LM on reports (each also in a few more wordings, written from its labels) and VQA,
+with the image tokens kept centred (see ``vlm_stage``) -> the probe again on the projector's
+tokens. The LM is a small Qwen2 trained from scratch, so it is trained fully together with the
+projector (a separate projector-only stage needs a pre-trained LM). Output: a model bundle with
+its retrieval towers in ``siglip/`` and ``recipe.json`` (the recipe, timings, losses, probes).
 """
 
 from __future__ import annotations
@@ -23,14 +27,17 @@ import torch
 from transformers import Qwen2Config
 
 from ..checkpoints import SIGLIP_FOLDER, save_bundle, save_siglip
-from ..data.lesions import ABNORMALITIES, ORGANS, Finding
-from ..data.m3d import CAP_JSON, CapItem, read_cap, read_vqa, write_dataset
+from ..data.lesions import Finding
+from ..data.m3d import CAP_JSON, CapItem, case_seed, read_cap, read_vqa, write_dataset
+from ..errors import Med3DVLMError
+from ..eval.probe import probe_auc, token_features
 from ..data.reports import write_report
 from ..models.dcformer import DCFormerConfig
 from ..models.text import TextConfig
 from ..preprocess import PRESETS
 from ..tokenizer import train_tokenizer
 from .config import TrainConfig
+from .dense import PAIRS, labels_present, tower_phantoms
 from .examples import caption_examples, vqa_examples
 from .stages import build_vlm, siglip_stage, vlm_stage
 from .volumes import cached_pixels, encoder_features
@@ -38,7 +45,11 @@ from .volumes import cached_pixels, encoder_features
 
 @dataclass
 class DemoRecipe:
-    n_phantoms: int = 1000
+    n_phantoms: int = 1000            # the VLM's phantoms (0-2 findings, as a scan comes)
+    n_tower_phantoms: int = 1500      # the image tower's phantoms, ``tower_findings`` each
+    tower_findings: int = 4
+    n_gate_phantoms: int = 150        # fresh phantoms the probe gate scores (never trained on)
+    probe_gate: float = 0.95          # macro AUC the image tokens must reach before the VLM stage
     seed: int = 0
     preset: str = "demo"
     vocab_size: int = 1200
@@ -55,9 +66,9 @@ class DemoRecipe:
     image_token_centering: float = 1.0
     low_output_size: tuple[int, int] = (16, 16)
     high_output_size: tuple[int, int] = (8, 16)
-    siglip: dict = field(default_factory=lambda: {"epochs": 10, "batch_size": 16, "lr": 1e-3,
+    siglip: dict = field(default_factory=lambda: {"epochs": 18, "batch_size": 16, "lr": 3e-3,
                                                   "weight_decay": 0.05, "warmup_steps": 50})
-    vlm: dict = field(default_factory=lambda: {"epochs": 3, "batch_size": 32, "lr": 2e-3,
+    vlm: dict = field(default_factory=lambda: {"epochs": 4, "batch_size": 32, "lr": 2e-3,
                                                "weight_decay": 0.0, "warmup_steps": 100})
 
 
@@ -76,20 +87,23 @@ def write_shards(work: Path, n: int, seed: int, shards: int = 2) -> list[Path]:
         return [Path(root) for root in pool.map(_shard, jobs)]
 
 
-def finding_labels(roots: list[Path]) -> dict[str, torch.Tensor]:
-    """Image path -> multi-hot ground truth: (organ, kind) pairs, contrast phase, finding count."""
-    pairs = [(organ, kind) for organ in ORGANS for kind in ABNORMALITIES]
-    out = {}
-    for root in roots:
-        for case in json.loads((root / "labels.json").read_text())["cases"]:
-            vector = torch.zeros(len(pairs) + 4)
-            for finding in case["findings"]:
-                vector[pairs.index((finding["organ"], finding["kind"]))] = 1
-            vector[len(pairs)] = float(case["phase"] == "portal venous")
-            vector[len(pairs) + 1 + min(len(case["findings"]), 2)] = 1
-            for image in case["images"]:
-                out[str(root / image)] = vector
-    return out
+GATE_SEED = 1_000_000   # + recipe seed: the probe gate's phantoms, apart from training and evaluation
+TOWER_SEED = 2_000_000  # + recipe seed: the image tower's phantoms
+
+
+class ProbeGateFailed(Med3DVLMError):
+    """The image tokens do not carry organ x kind well enough to train a language model on them."""
+
+
+def token_probe(features: dict, fit: list[str], test: list[str], labels: dict, project=None) -> dict:
+    """``eval.probe`` on the encoder's two token streams, or on the projector's tokens (``project``)."""
+    def stack(keys):
+        low, high = (torch.stack([features[k][n] for k in keys]).float() for n in (0, 1))
+        with torch.inference_mode():
+            streams = (low, high) if project is None else (project(low, high),)
+        return token_features(*streams), torch.stack([labels[k] for k in keys])
+
+    return probe_auc(*stack(fit), *stack(test), names=[f"{o}/{k}" for o, k in PAIRS])
 
 
 @dataclass(frozen=True)
@@ -146,13 +160,23 @@ def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | N
         timings[name] = round(time.perf_counter() - started - sum(timings.values()), 1)
 
     roots = write_shards(work, recipe.n_phantoms, recipe.seed)
+    gate_root = work / "gate-phantoms"
+    if not _written(gate_root, recipe.n_gate_phantoms, GATE_SEED + recipe.seed):
+        write_dataset(gate_root, recipe.n_gate_phantoms, GATE_SEED + recipe.seed, modality="CT",
+                      splits=(1.0, 0.0, 0.0), progress=False)
     caps, vqas = read_shards(roots)
+    gate_images = [str(c.image_path) for c in read_cap(gate_root / CAP_JSON, "train")]
     lap("phantoms")
     tokenizer = train_tokenizer([c.text for c in caps] + [f"{q.question} {' '.join(q.choices)} {q.answer}" for q in vqas],
                                 vocab_size=recipe.vocab_size)
-    pixels = cached_pixels(work / f"pixels-{recipe.preset}.pt", [str(c.image_path) for c in caps],
+    pixels = cached_pixels(work / f"pixels-{recipe.preset}.pt", [str(c.image_path) for c in caps] + gate_images,
                            PRESETS[recipe.preset], progress=progress)
-    lap("tokenizer+preprocessing")
+    labels = labels_present(roots + [gate_root])
+    train_images = sorted({str(c.image_path) for c in caps})
+    tower_pixels, tower_pairs, tower_targets = tower_phantoms(
+        work / f"tower-{recipe.preset}.pt", [case_seed(TOWER_SEED + recipe.seed, i) for i in range(recipe.n_tower_phantoms)],
+        recipe.tower_findings, PRESETS[recipe.preset])
+    lap("tokenizer+preprocessing+targets")
 
     vision = DCFormerConfig.preset("nano", input_size=PRESETS[recipe.preset].shape)
     text = TextConfig(params={"vocab_size": len(tokenizer), "hidden_size": recipe.text_width,
@@ -161,10 +185,24 @@ def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | N
                               "max_position_embeddings": recipe.max_text_length,
                               "pad_token_id": tokenizer.pad_token_id}, pooling="mean")
     siglip, siglip_run = siglip_stage(
-        pixels, [(str(c.image_path), c.text) for c in caps], tokenizer, vision, text, recipe.embed_dim,
+        tower_pixels, tower_pairs, tokenizer, vision, text, recipe.embed_dim,
         TrainConfig(output_dir=str(work / "siglip"), seed=recipe.seed, progress=progress, **recipe.siglip),
-        max_text_length=recipe.max_text_length, labels=finding_labels(roots))
-    lap("siglip")
+        max_text_length=recipe.max_text_length, targets=tower_targets)
+    lap("siglip+organ-aware")
+
+    features = encoder_features(siglip.vision_encoder, pixels, progress=progress)
+    probes = {"encoder_tokens": token_probe(features, train_images, gate_images, labels)}
+    lap("probe gate")
+    gate = probes["encoder_tokens"]["macro_auc"]
+    if progress or gate < recipe.probe_gate:
+        print(f"probe gate: organ x kind macro AUC {gate:.3f} on {len(gate_images)} unseen phantoms "
+              f"(gate {recipe.probe_gate:.2f})")
+    if gate < recipe.probe_gate:
+        save_siglip(work / "siglip-failed-gate", siglip, recipe.max_text_length)
+        raise ProbeGateFailed(
+            f"PROBE GATE FAILED: a linear probe on the image tokens tells organ x kind with macro AUC {gate:.3f} "
+            f"on unseen phantoms, below {recipe.probe_gate:.2f}; the language model could not learn what the "
+            f"tokens do not carry, so the VLM stage was not started (towers kept in {work / 'siglip-failed-gate'}).")
 
     lm = Qwen2Config(vocab_size=len(tokenizer), hidden_size=recipe.lm_width, num_hidden_layers=recipe.lm_layers,
                      num_attention_heads=recipe.lm_heads, num_key_value_heads=recipe.lm_kv_heads,
@@ -174,19 +212,19 @@ def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | N
     model = build_vlm(tokenizer, vision, lm, recipe.preset, prompt_style="exact",
                       low_output_size=recipe.low_output_size, high_output_size=recipe.high_output_size)
     model.vision_tower.load_state_dict(siglip.vision_encoder.state_dict())
-    features = encoder_features(model.vision_tower, pixels, progress=progress)
     reports = caps + reworded_reports(roots, recipe.report_wordings - 1, recipe.seed)
     examples = caption_examples(reports, model.config.num_image_tokens, recipe.seed) + \
         vqa_examples(vqas, model.config.num_image_tokens)
-    vlm_run = vlm_stage(model, features, examples, tokenizer,
+    vlm_run = vlm_stage(model, {k: features[k] for k in train_images}, examples, tokenizer,
                         TrainConfig(output_dir=str(work / "vlm"), seed=recipe.seed, progress=progress, **recipe.vlm),
                         train_lm=True, max_length=recipe.lm_context, image_token_centering=recipe.image_token_centering)
     lap("vlm")
-
     model.eval()
+    probes["projector_tokens"] = token_probe(features, train_images, gate_images, labels, model.mm_projector)
+
     save_bundle(out, model, tokenizer)
     save_siglip(out / SIGLIP_FOLDER, siglip, recipe.max_text_length)
-    summary = {"recipe": asdict(recipe), "seconds": timings, "examples": len(examples),
+    summary = {"recipe": asdict(recipe), "seconds": timings, "examples": len(examples), "probes": probes,
                "siglip_loss": [siglip_run.losses[0], siglip_run.losses[-1]],
                "vlm_loss": [vlm_run.losses[0], vlm_run.losses[-1]],
                "torch": torch.__version__, "threads": torch.get_num_threads()}

@@ -13,17 +13,16 @@ import dataclasses
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from transformers import Qwen2Config
 
 from ..models.dcformer import DCFormerConfig
 from ..models.projector import ProjectorConfig
-from ..models.siglip import SigLIPModel, sigmoid_loss
+from ..models.siglip import SigLIPModel
 from ..models.text import TextConfig
 from ..models.vlm import Med3DVLM, Med3DVLMConfig
 from ..tokenizer import image_token_id
 from .config import TrainConfig
+from .dense import OrganAwareSigLIP
 from .examples import Example, collate_examples
 from .trainer import TrainResult, train
 from .volumes import ImageTextDataset, LengthBatchedExamples, image_text_collate
@@ -31,36 +30,17 @@ from .volumes import ImageTextDataset, LengthBatchedExamples, image_text_collate
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class LabelProbe(nn.Module):
-    """SigLIP plus a linear probe on the pooled image features, trained on ground-truth labels.
-
-    An auxiliary loss for small datasets (the demo's 1,000 phantoms): the sigmoid loss alone
-    learns the image tower too slowly there. The probe is discarded after training.
-    """
-
-    def __init__(self, siglip: SigLIPModel, n_labels: int) -> None:
-        super().__init__()
-        self.siglip = siglip
-        self.probe = nn.Linear(siglip.vision_config.channels[-1], n_labels)
-
-    def forward(self, images, input_ids, attention_mask, labels):
-        features = self.siglip.image_features(images)
-        img = F.normalize(self.siglip.mm_vision_proj(features), dim=-1)
-        txt = self.siglip.encode_text(input_ids, attention_mask)
-        contrastive = sigmoid_loss(img, txt, self.siglip.t_prime.exp(), self.siglip.bias)
-        return {"loss": contrastive + F.binary_cross_entropy_with_logits(self.probe(features), labels)}
-
-
 def siglip_stage(pixels: dict[str, torch.Tensor], pairs: Sequence[tuple[str, str]], tokenizer,
                  vision: DCFormerConfig, text: TextConfig, embed_dim: int, config: TrainConfig,
-                 max_text_length: int = 256, labels: dict[str, torch.Tensor] | None = None,
+                 max_text_length: int = 256, targets: dict[str, dict[str, torch.Tensor]] | None = None,
                  ) -> tuple[SigLIPModel, TrainResult]:
-    """SigLIP pre-training; with ``labels`` (image -> multi-hot vector) the auxiliary probe joins in."""
+    """SigLIP pre-training; with ``targets`` (image -> ``dense.phantom_targets``) the organ-aware
+    decoder and token heads of ``dense.OrganAwareSigLIP`` train the image tower too."""
     model = SigLIPModel(vision, text, embed_dim=embed_dim)
     model.max_text_length = max_text_length
-    trained = LabelProbe(model, len(next(iter(labels.values())))) if labels else model
+    trained = OrganAwareSigLIP(model) if targets else model
     # BERT's pooler is unused by our pooling: keep it out of training (and out of DDP's reducer).
-    result = train(trained, ImageTextDataset(pixels, pairs, labels), config,
+    result = train(trained, ImageTextDataset(pixels, pairs, targets), config,
                    collate_fn=image_text_collate(tokenizer, max_text_length),
                    trainable=lambda name: ".pooler." not in name)
     return model.eval(), result

@@ -63,29 +63,29 @@ def encoder_features(encoder, pixels: dict[str, torch.Tensor], batch_size: int =
 
 
 class ImageTextDataset(Dataset):
-    """(pixels, text[, labels]) for SigLIP training; ``labels`` maps an image to a label vector."""
+    """(pixels, text[, targets]) for SigLIP training; ``targets`` maps an image to named tensors."""
 
     def __init__(self, pixels: dict[str, torch.Tensor], pairs: Sequence[tuple[str, str]],
-                 labels: dict[str, torch.Tensor] | None = None) -> None:
-        self.pixels, self.pairs, self.labels = pixels, list(pairs), labels
+                 targets: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+        self.pixels, self.pairs, self.targets = pixels, list(pairs), targets
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, index: int):
         image, text = self.pairs[index]
-        return self.pixels[image], text, (self.labels[image] if self.labels is not None else None)
+        return self.pixels[image], text, (self.targets[image] if self.targets is not None else None)
 
 
 def image_text_collate(tokenizer, max_length: int):
     def collate(batch):
-        images, texts, labels = zip(*batch)
+        images, texts, targets = zip(*batch)
         tokens = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
                            add_special_tokens=False, return_tensors="pt")
         out = {"images": torch.stack(images).float(), "input_ids": tokens["input_ids"],
                "attention_mask": tokens["attention_mask"]}
-        if labels[0] is not None:
-            out["labels"] = torch.stack(labels).float()
+        if targets[0] is not None:
+            out.update({name: torch.stack([t[name] for t in targets]).float() for name in targets[0]})
         return out
     return collate
 
