@@ -46,6 +46,7 @@ PAIRS: tuple[tuple[str, str], ...] = tuple((organ, kind) for organ in ORGANS for
 N_ORGAN_CLASSES = 1 + len(LABELS)   # "other" + the labelled structures
 STRIDE = 8                          # input -> DCFormer stage 1 (stem 4, then 2)
 FINDING_POS_WEIGHT = 20.0
+N_DENSE_OUTPUTS = N_ORGAN_CLASSES + len(ABNORMALITIES) + len(PAIRS)  # organs, kinds, organ x kind
 # kind k of ABNORMALITIES -> the PAIRS rows of that kind (the kind map is their maximum)
 _KIND_ROWS = [[i for i, (_, kind) in enumerate(PAIRS) if kind == k] for k in ABNORMALITIES]
 
@@ -127,7 +128,7 @@ class OrganAwareSigLIP(nn.Module):
         channels = siglip.vision_config.channels
         self.lateral = nn.ModuleList(nn.Conv3d(c, width, 1) for c in channels[1:])
         self.decoder = nn.Sequential(nn.GELU(), nn.Conv3d(width, width, 3, padding=1), nn.GELU(),
-                                     nn.Conv3d(width, N_ORGAN_CLASSES + len(ABNORMALITIES) + len(PAIRS), 1))
+                                     nn.Conv3d(width, N_DENSE_OUTPUTS, 1))
         self.token_heads = nn.ModuleList(nn.Linear(c, len(PAIRS)) for c in channels[3:])
 
     def forward(self, images, input_ids, attention_mask, organs, findings, present) -> dict[str, Tensor]:
@@ -135,17 +136,27 @@ class OrganAwareSigLIP(nn.Module):
         grid = maps[1].shape[2:]
         fused = sum(F.interpolate(lateral(m), size=grid, mode="trilinear", align_corners=False)
                     for lateral, m in zip(self.lateral, maps[1:]))
-        dense = self.decoder(fused)
-        organ_logits, kind_logits, pair_logits = dense.split([N_ORGAN_CLASSES, len(ABNORMALITIES), len(PAIRS)], 1)
-        kinds = torch.stack([findings[:, rows].amax(1) for rows in _KIND_ROWS], 1)
-        losses = {"organs": -(organs * F.log_softmax(organ_logits, 1)).sum(1).mean(),
-                  "kinds": _rare(kind_logits, kinds), "findings": _rare(pair_logits, findings),
+        losses = {**dense_losses(self.decoder(fused), organs, findings),
                   "tokens": sum(F.binary_cross_entropy_with_logits(head(stage_tokens(m)).amax(1), present)
                                 for head, m in zip(self.token_heads, maps[3:]))}
         img = F.normalize(self.siglip.mm_vision_proj(stage_tokens(maps[-1]).mean(1)), dim=-1)
         txt = self.siglip.encode_text(input_ids, attention_mask)
         losses["siglip"] = sigmoid_loss(img, txt, self.siglip.t_prime.exp(), self.siglip.bias)
         return {"loss": sum(losses.values()), **{k: v.detach() for k, v in losses.items()}}
+
+
+def dense_losses(dense: Tensor, organs: Tensor, findings: Tensor) -> dict[str, Tensor]:
+    """Losses of (B, N_DENSE_OUTPUTS, d, h, w) logits against ``phantom_targets``' organs and findings."""
+    organ_logits, kind_logits, pair_logits = dense.split([N_ORGAN_CLASSES, len(ABNORMALITIES), len(PAIRS)], 1)
+    kinds = torch.stack([findings[:, rows].amax(1) for rows in _KIND_ROWS], 1)
+    return {"organs": -(organs * F.log_softmax(organ_logits, 1)).sum(1).mean(),
+            "kinds": _rare(kind_logits, kinds), "findings": _rare(pair_logits, findings)}
+
+
+def token_grid_losses(head: nn.Module, tokens: Tensor, grid: Sequence[int], targets: dict[str, Tensor]) -> Tensor:
+    """Dense losses of a per-token head on (B, N, E) tokens laid out on ``grid`` (N = d * h * w)."""
+    logits = head(tokens).transpose(1, 2).reshape(len(tokens), -1, *grid)
+    return sum(dense_losses(logits, targets["organs"], targets["findings"]).values())
 
 
 def _rare(logits: Tensor, targets: Tensor) -> Tensor:

@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -36,12 +37,14 @@ from ..detection import STUDY_KEY, Detector, detector_preprocess
 from ..errors import Med3DVLMError
 from ..eval.classification import f1_score, per_class_auc, select_threshold
 from ..models.medmap import MedMAPConfig, MedMAPModel, tokenize
+from ..data.phantoms import Phantom
 from ..models.siglip import sigmoid_loss
 from ..preprocess import PreprocessConfig, preprocess
 from ..readers import read_volume
 from ..tokenizer import train_tokenizer
 from ..volume import MR_SEQUENCES
 from .config import TrainConfig
+from .dense import N_DENSE_OUTPUTS, phantom_targets, token_grid_losses
 from .trainer import TrainResult, train
 
 logger = logging.getLogger(__name__)
@@ -57,6 +60,7 @@ class StudySample:
     pixels: dict[str, torch.Tensor]   # sequence -> (1, D, H, W) float16 in [0, 1]
     report: str
     labels: torch.Tensor              # (L,) float32 0/1 in the model's label order
+    targets: dict[str, torch.Tensor] | None = None  # phantoms: ``dense.phantom_targets`` on the token grid
 
 
 def _under(name: str, prefixes: Sequence[str]) -> bool:
@@ -80,7 +84,9 @@ def phantom_samples(seeds: Sequence[int], labels: Sequence[tuple[str, str]], inp
         study = phantom_mr_study(int(seed), sequences, shape, findings)
         pixels = {s: preprocess(v, config).to(torch.float16) for s, v in study.volumes.items()}
         y = torch.tensor([float(pair in study.truth.pairs) for pair in labels])
-        out.append(StudySample(pixels, write_report(study.truth, np.random.default_rng(seed)), y))
+        # The sequences share one geometry; the masks follow the first one's preprocessing.
+        targets = phantom_targets(Phantom(next(iter(study.volumes.values())), study.truth), config)
+        out.append(StudySample(pixels, write_report(study.truth, np.random.default_rng(seed)), y, targets))
     return out
 
 
@@ -137,7 +143,29 @@ class _PairData(Dataset):
         sample = self.samples[index]
         names = list(sample.pixels)
         name = names[int(torch.randint(len(names), ()))]
-        return sample.pixels[name].float(), self.sequences.index(name), sample.report
+        return sample.pixels[name].float(), self.sequences.index(name), sample.report, sample.targets
+
+
+def _stacked_targets(targets) -> dict[str, torch.Tensor]:
+    return {} if targets[0] is None else {k: torch.stack([t[k] for t in targets]).float() for k in targets[0]}
+
+
+@contextmanager
+def _organ_aware(model: MedMAPModel, samples: Sequence[StudySample]):
+    """With phantom targets, a per-token head learns organ, kind and organ x kind maps next to the
+    stage's own loss (``train.dense``): the tokens learn where they look. Removed afterwards."""
+    if samples[0].targets is None:
+        yield
+        return
+    model.dense_head = torch.nn.Linear(model.config.embed_dim, N_DENSE_OUTPUTS).to(model.bias.device)
+    try:
+        yield
+    finally:
+        del model.dense_head
+
+
+def _dense(m: MedMAPModel, tokens: torch.Tensor, batch: dict) -> torch.Tensor:
+    return token_grid_losses(m.dense_head, tokens, m.config.grid(), batch) if "organs" in batch else 0.0
 
 
 def pretrain(model: MedMAPModel, samples: Sequence[StudySample], tokenizer, config: TrainConfig) -> TrainResult:
@@ -145,22 +173,23 @@ def pretrain(model: MedMAPModel, samples: Sequence[StudySample], tokenizer, conf
     max_length = model.config.max_text_length
 
     def collate(rows):
-        images, ids, texts = zip(*rows)
-        return {"images": torch.stack(images), "sequence_ids": torch.tensor(ids), **tokenize(tokenizer, texts, max_length)}
+        images, ids, texts, targets = zip(*rows)
+        return {"images": torch.stack(images), "sequence_ids": torch.tensor(ids),
+                **tokenize(tokenizer, texts, max_length), **_stacked_targets(targets)}
 
     def loss_fn(m: MedMAPModel, batch) -> torch.Tensor:
         ids = batch["sequence_ids"][:, None]
         tokens, _ = m.encode_study(batch["images"][:, None], ids, torch.ones_like(ids, dtype=torch.bool))
         image = m.global_embedding(tokens)
         text = m.encode_text(batch["input_ids"], batch["attention_mask"])
-        return sigmoid_loss(image, text, m.t_prime.exp(), m.bias)
+        return sigmoid_loss(image, text, m.t_prime.exp(), m.bias) + _dense(m, tokens, batch)
 
     model.freeze_text(False)
     # one sequence at a time: the fusion gate has nothing to weigh
     unused = (*HEAD_PARAMS, "sequence_stems.gate", "sequence_stems.gate_bias")
-    result = train(model, _PairData(samples, model.config.sequences), config, loss_fn=loss_fn, collate_fn=collate,
-                   trainable=lambda name: not _under(name, unused) and ".pooler." not in name)
-    return result
+    with _organ_aware(model, samples):
+        return train(model, _PairData(samples, model.config.sequences), config, loss_fn=loss_fn, collate_fn=collate,
+                     trainable=lambda name: not _under(name, unused) and ".pooler." not in name)
 
 
 # ---- stage 2: fine-tuning -----------------------------------------------------------------
@@ -186,18 +215,19 @@ class _StudyData(Dataset):
             gamma = torch.empty(len(names), 1, 1, 1, 1).uniform_(-0.2, 0.2).exp()
             gain = torch.empty(len(names), 1, 1, 1, 1).uniform_(0.9, 1.1)
             images = (images.clamp(0, 1) ** gamma * gain).clamp(0, 1)
-        return images, torch.tensor([self.sequences.index(n) for n in names]), sample.labels
+        return images, torch.tensor([self.sequences.index(n) for n in names]), sample.labels, sample.targets
 
 
 def _collate_studies(rows):
-    images, ids, labels = zip(*rows)
+    images, ids, labels, targets = zip(*rows)
     slots = max(len(i) for i in ids)
     batch_images = images[0].new_zeros(len(rows), slots, *images[0].shape[1:])
     batch_ids = torch.zeros(len(rows), slots, dtype=torch.long)
     mask = torch.zeros(len(rows), slots, dtype=torch.bool)
     for b, (image, sid) in enumerate(zip(images, ids)):
         batch_images[b, :len(sid)], batch_ids[b, :len(sid)], mask[b, :len(sid)] = image, sid, True
-    return {"images": batch_images, "sequence_ids": batch_ids, "mask": mask, "labels": torch.stack(labels)}
+    return {"images": batch_images, "sequence_ids": batch_ids, "mask": mask, "labels": torch.stack(labels),
+            **_stacked_targets(targets)}
 
 
 def finetune(model: MedMAPModel, samples: Sequence[StudySample], config: TrainConfig, *, full_study_p: float = 0.25,
@@ -205,14 +235,16 @@ def finetune(model: MedMAPModel, samples: Sequence[StudySample], config: TrainCo
     """Multi-label BCE on the class-query logits with the text tower frozen."""
 
     def loss_fn(m: MedMAPModel, batch) -> torch.Tensor:
-        logits = m(batch["images"], batch["sequence_ids"], batch["mask"])["logits"]
+        tokens, _ = m.encode_study(batch["images"], batch["sequence_ids"], batch["mask"])
+        logits = m.detect_logits(tokens)
         weight = None if pos_weight is None else torch.full_like(logits[0], pos_weight)
-        return F.binary_cross_entropy_with_logits(logits, batch["labels"], pos_weight=weight)
+        return F.binary_cross_entropy_with_logits(logits, batch["labels"], pos_weight=weight) + _dense(m, tokens, batch)
 
     model.freeze_text(True)
-    return train(model, _StudyData(samples, model.config.sequences, full_study_p, augment), config,
-                 loss_fn=loss_fn, collate_fn=_collate_studies,
-                 trainable=lambda name: not _under(name, (*TEXT_PARAMS, *ZERO_SHOT_PARAMS)))
+    with _organ_aware(model, samples):
+        return train(model, _StudyData(samples, model.config.sequences, full_study_p, augment), config,
+                     loss_fn=loss_fn, collate_fn=_collate_studies,
+                     trainable=lambda name: not _under(name, (*TEXT_PARAMS, *ZERO_SHOT_PARAMS)))
 
 
 # ---- evaluation ---------------------------------------------------------------------------
@@ -226,7 +258,7 @@ def score_studies(model: MedMAPModel, samples: Sequence[StudySample], sequences:
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
         batch = _collate_studies([(torch.stack([s.pixels[n].float() for n in sequences or s.pixels]),
-                                   model.sequence_ids(list(sequences or s.pixels)).cpu(), s.labels) for s in chunk])
+                                   model.sequence_ids(list(sequences or s.pixels)).cpu(), s.labels, None) for s in chunk])
         logits = model(batch["images"].to(device), batch["sequence_ids"].to(device), batch["mask"].to(device),
                        zero_shot)["logits"]
         rows.append(logits.sigmoid().float().cpu().numpy())
