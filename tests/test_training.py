@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 import med3dvlm
@@ -67,3 +68,16 @@ def test_stage_commands_chain_siglip_projector_instruct(ct_dataset, tmp_path, ca
 def test_bad_dataset_folder_is_a_clear_error(tmp_path, capsys):
     assert main(["train", "siglip", "--data", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "not an M3D-layout dataset" in capsys.readouterr().err
+
+
+def test_demo_build_stops_loudly_at_the_probe_gate(tmp_path):
+    """A gate no tower can pass: the build says so before the VLM stage and writes no model."""
+    from med3dvlm.train.demo import ProbeGateFailed
+
+    recipe = DemoRecipe(n_phantoms=8, n_tower_phantoms=6, n_gate_phantoms=6, probe_gate=1.01, seed=4,
+                        siglip={"epochs": 1, "batch_size": 6, "lr": 1e-3})
+    with pytest.raises(ProbeGateFailed, match="PROBE GATE FAILED.*VLM stage was not started"):
+        train_demo(tmp_path / "model", tmp_path / "work", recipe, progress=False)
+    assert not (tmp_path / "model").exists()
+    assert (tmp_path / "work" / "siglip-failed-gate").is_dir()
+    assert not (tmp_path / "work" / "vlm").exists()
