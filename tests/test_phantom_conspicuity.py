@@ -60,10 +60,13 @@ def test_every_ct_finding_is_conspicuous_at_the_demo_input():
     assert {"non-contrast", "portal venous"} == {r["group"] for r in summary}
 
 
-def test_mr_conspicuity_is_measured_per_sequence():
+def test_mr_conspicuity_is_measured_per_sequence_and_per_study():
     rows = conspicuity.measure([33_000], "MR")
     assert {r["group"] for r in rows} == {"T1", "T2", "FLAIR", "DWI", "ADC", "T1C"}
     assert all(r["voxels"] > 0 for r in rows)
+    best = conspicuity.best_of_study(rows)
+    assert len(best) == 4 and all(abs(b["cnr"]) >= max(abs(r["cnr"]) for r in rows if r["finding"] == b["finding"])
+                                  for b in best)
 
 
 def test_dense_targets_are_the_phantoms_organs_and_findings():
