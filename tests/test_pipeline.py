@@ -236,3 +236,11 @@ def test_a_follow_up_about_a_file_does_not_read_it_again(monkeypatch, tmp_path):
     path.write_bytes(sample_path("mr_phantom_t2.nii.gz").read_bytes())  # a new file at the same path
     pipe.ask(path, "Is there a cyst?")
     assert len(reads) == 2
+
+
+def test_a_texts_retrieval_score_does_not_depend_on_the_other_texts(pipe, phantom):
+    """The shared tokenizer pads on the left for generation; the text tower's must not shift."""
+    short, long = "No abnormality.", "Findings: " + "The liver is unremarkable. " * 8
+    alone = pipe._similarity([phantom.volume], [short])[0, 0]
+    together = pipe._similarity([phantom.volume], [short, long])[0, 0]
+    assert torch.allclose(alone, together, atol=1e-5)

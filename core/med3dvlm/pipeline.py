@@ -464,6 +464,7 @@ class Pipeline:
                              "model folder with a 'siglip' subfolder.")
         pixels = torch.cat([self.pixels(v) for v in volumes]).to(next(self.retrieval.parameters()).dtype)
         batch = self.tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True,
-                               max_length=self.retrieval.max_text_length, add_special_tokens=False)
+                               max_length=self.retrieval.max_text_length, add_special_tokens=False,
+                               padding_side="right")  # BERT's positions start at 0 for every text
         return torch.sigmoid(self.retrieval.similarity(pixels, batch["input_ids"].to(self.device),
                                                        batch["attention_mask"].to(self.device))).float().cpu()

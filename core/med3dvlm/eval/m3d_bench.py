@@ -170,7 +170,8 @@ class M3DBenchmark:
             pixels = torch.cat([pipe.pixels(c.image_path) for _, c in chunk]).to(dtype)
             # tokenised as Pipeline.retrieve does: no special tokens, cut at the text tower's length
             batch = pipe.tokenizer([c.text for _, c in chunk], return_tensors="pt", padding=True, truncation=True,
-                                   max_length=model.max_text_length, add_special_tokens=False)
+                                   max_length=model.max_text_length, add_special_tokens=False,
+                                   padding_side="right")  # BERT's positions start at 0 for every text
             images = model.encode_image(pixels)
             texts = model.encode_text(batch["input_ids"].to(pipe.device), batch["attention_mask"].to(pipe.device))
             for (key, c), img, txt in zip(chunk, images, texts):

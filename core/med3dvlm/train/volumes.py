@@ -80,8 +80,10 @@ class ImageTextDataset(Dataset):
 def image_text_collate(tokenizer, max_length: int):
     def collate(batch):
         images, texts, targets = zip(*batch)
+        # right padding: the text tower's positions start at 0 whatever the batch (the shared
+        # tokenizer pads on the left for generation)
         tokens = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
-                           add_special_tokens=False, return_tensors="pt")
+                           add_special_tokens=False, padding_side="right", return_tensors="pt")
         out = {"images": torch.stack(images).float(), "input_ids": tokens["input_ids"],
                "attention_mask": tokens["attention_mask"]}
         if targets[0] is not None:
