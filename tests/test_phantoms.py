@@ -137,8 +137,9 @@ def test_ct_intensities_follow_the_specification(ct_phantoms):
                 assert lesion < 20 and lesion < organ - 15
             elif f.kind == "calcification":
                 assert peak >= 300
-            elif f.kind == "haemorrhage":
-                assert 55 < lesion < 100
+            elif f.kind == "haemorrhage":   # dense clot; darker than enhancing parenchyma
+                assert (80 < lesion < 120 and lesion > organ + 25) if t.phase == "non-contrast" else \
+                    (35 < lesion < 75 and lesion < organ - 25)
             elif f.kind == "fluid":
                 assert -15 < lesion < 35
             elif f.kind == "mass" and f.organ.endswith("lung"):
@@ -146,7 +147,7 @@ def test_ct_intensities_follow_the_specification(ct_phantoms):
             elif f.kind == "mass" and t.phase == "portal venous":
                 assert lesion < organ - 15 and peak > lesion + 40      # enhancing rim
             else:
-                assert lesion < organ and 0 < lesion < 45
+                assert lesion < organ - 15 and -15 < lesion < 35
 
 
 def test_mr_sequences_have_typical_contrasts(mr_studies):
