@@ -57,9 +57,15 @@ def test_errors_are_one_line_without_traceback(tmp_path, capsys):
 
 def test_phantom_evaluation_json_says_what_produced_it(ct_dataset, tmp_path):
     out = tmp_path / "eval.json"
-    assert main(["evaluate", "--data", str(ct_dataset), "-n", "2", "--json", str(out), "--device", "cpu"]) == 0
+    assert main(["evaluate", "--data", str(ct_dataset), "-n", "2", "--json", str(out), "--device", "cpu",
+                 "--probe-fit", "0", "--work", str(tmp_path)]) == 0
     made = json.loads(out.read_text())["provenance"]
     assert made["task"] == "evaluate" and made["model"] == "demo" and made["seconds"] > 0
+
+
+def test_evaluation_refuses_to_fit_the_probe_on_the_phantoms_it_scores(capsys, tmp_path):
+    assert main(["evaluate", "--seed", "5", "--probe-fit", "5", "--work", str(tmp_path)]) == 2
+    assert "--probe-fit must differ from --seed" in capsys.readouterr().err
 
 
 def test_detect_json_carries_scores_and_provenance(capsys):

@@ -20,6 +20,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "left lung": ("mass", "calcification", "fluid"),
     "right lung": ("mass", "calcification", "fluid"),
 }
+# Every (organ, kind) a phantom can hold: the label set of the demo models.
+PAIRS: tuple[tuple[str, str], ...] = tuple((organ, kind) for organ in ORGANS for kind in ALLOWED[organ])
 _POLES = ("upper pole", "interpolar region", "lower pole")
 # Where a focal lesion can sit; fluid has one location per organ (FLUID_LOCATION).
 LOCATIONS: dict[str, tuple[str, ...]] = {

@@ -30,13 +30,13 @@ from ..errors import Med3DVLMError
 from ..modality import guess_modality
 from ..readers import write_volume
 from ..volume import MR_SEQUENCES, Volume
-from .lesions import ALLOWED, ORGANS
+from .lesions import PAIRS
 
 TABLE_NAME = "medmom.csv"
 BASE_COLUMNS = ("study_id", "split", "sequence", "path", "report")
 SPLITS = ("train", "validation", "test")
 # Every (organ, kind) pair the phantoms can hold: 23 labels.
-PHANTOM_LABELS: tuple[tuple[str, str], ...] = tuple((o, k) for o in ORGANS for k in ALLOWED[o])
+PHANTOM_LABELS = PAIRS
 
 
 def label_column(label: tuple[str, str]) -> str:

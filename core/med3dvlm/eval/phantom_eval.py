@@ -35,25 +35,20 @@ def truth_pairs(data_root: Path) -> dict[str, set[tuple[str, str]]]:
     return out
 
 
-def _organ_kind(pairs: set[tuple[str, str]]):
-    from ..train.dense import present
-
-    return present([{"organ": o, "kind": k} for o, k in pairs])
-
-
 def token_probe(pipe, fit_root: Path, fit_n: int, images: list[str], truths: dict) -> dict:
     """``eval.probe`` on the projector's image tokens: fitted on ``fit_root``'s first ``fit_n``
     phantoms, scored on ``images``."""
     import torch
 
-    from ..train.dense import PAIRS
+    from ..data.lesions import PAIRS
+    from ..train.dense import present
 
     fit_images = [str(c.image_path) for c in read_cap(fit_root / CAP_JSON, "train")[:fit_n]]
     fit_truths = truth_pairs(fit_root)
 
     def stack(paths, truth):
         features = torch.cat([token_features(pipe.encode(p).float().cpu()) for p in paths])
-        return features, torch.stack([_organ_kind(truth[p]) for p in paths])
+        return features, torch.stack([present(truth[p]) for p in paths])
 
     return probe_auc(*stack(fit_images, fit_truths), *stack(images, truths), names=[f"{o}/{k}" for o, k in PAIRS])
 

@@ -80,7 +80,11 @@ class SigLIPModel(nn.Module):
 
     def encode_image(self, images: Tensor) -> Tensor:
         """(B, 1, D, H, W) -> (B, embed_dim), unit length."""
-        return F.normalize(self.mm_vision_proj(self.image_features(images)), dim=-1)
+        return self.embed_image_features(self.image_features(images))
+
+    def embed_image_features(self, features: Tensor) -> Tensor:
+        """(B, C) pooled image features -> (B, embed_dim), unit length."""
+        return F.normalize(self.mm_vision_proj(features), dim=-1)
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """(B, L) token ids -> (B, embed_dim), unit length."""

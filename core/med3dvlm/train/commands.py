@@ -205,9 +205,9 @@ def add_train_parser(sub) -> None:
     p = stage("instruct", "instruction tuning on reports and VQA", cmd_instruct)
     p.add_argument("--model", required=True, help="folder written by `train projector`")
     p.add_argument("--lora-rank", type=int, default=None, help="train LoRA adapters of this rank, merged at the end")
-    p = stage("demo", "build the demo model from fresh phantoms (about 45 min on 2 CPU cores)", cmd_demo)
+    p = stage("demo", "build the demo model from fresh phantoms (about 50 min on 2 CPU cores)", cmd_demo)
     p.add_argument("--work", default="runs/demo-work", help="folder for phantoms and checkpoints")
-    p.add_argument("-n", type=int, help="number of training phantoms (default: the recipe's 1500)")
+    p.add_argument("-n", type=int, help="phantoms for the VLM stage (default: the recipe's 1000; the image tower has 1500 of its own)")
     p.add_argument("--seed", type=int, help="phantom and training seed (default: 0)")
     p.add_argument("--probe-gate", type=float,
                    help="image-token probe macro AUC needed before the VLM stage (default 0.95; 0: always go on)")

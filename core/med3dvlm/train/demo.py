@@ -27,7 +27,7 @@ import torch
 from transformers import Qwen2Config
 
 from ..checkpoints import SIGLIP_FOLDER, save_bundle, save_siglip
-from ..data.lesions import Finding
+from ..data.lesions import PAIRS, Finding
 from ..data.m3d import CAP_JSON, CapItem, case_seed, read_cap, read_vqa, write_dataset
 from ..errors import Med3DVLMError
 from ..eval.probe import probe_auc, token_features
@@ -37,7 +37,7 @@ from ..models.text import TextConfig
 from ..preprocess import PRESETS
 from ..tokenizer import train_tokenizer
 from .config import TrainConfig
-from .dense import PAIRS, labels_present, tower_phantoms
+from .dense import labels_present, tower_phantoms
 from .examples import caption_examples, vqa_examples
 from .stages import build_vlm, siglip_stage, vlm_stage
 from .volumes import cached_pixels, encoder_features

@@ -35,14 +35,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.anatomy import LABELS
-from ..data.lesions import ABNORMALITIES, ALLOWED, ORGANS
+from ..data.lesions import ABNORMALITIES, PAIRS
 from ..data.phantoms import Phantom, make_ct_phantom
 from ..data.reports import write_report
 from ..models.dcformer import stage_tokens
 from ..models.siglip import SigLIPModel, sigmoid_loss
 from ..preprocess import PreprocessConfig, carry, preprocess
 
-PAIRS: tuple[tuple[str, str], ...] = tuple((organ, kind) for organ in ORGANS for kind in ALLOWED[organ])
 N_ORGAN_CLASSES = 1 + len(LABELS)   # "other" + the labelled structures
 STRIDE = 8                          # input -> DCFormer stage 1 (stem 4, then 2)
 FINDING_POS_WEIGHT = 20.0
@@ -51,12 +50,11 @@ N_DENSE_OUTPUTS = N_ORGAN_CLASSES + len(ABNORMALITIES) + len(PAIRS)  # organs, k
 _KIND_ROWS = [[i for i, (_, kind) in enumerate(PAIRS) if kind == k] for k in ABNORMALITIES]
 
 
-def present(findings) -> Tensor:
-    """Multi-hot over ``PAIRS`` of a list of findings (objects or dicts with organ and kind)."""
+def present(pairs) -> Tensor:
+    """Multi-hot over ``PAIRS`` of (organ, kind) pairs."""
     out = torch.zeros(len(PAIRS))
-    for f in findings:
-        organ, kind = (f["organ"], f["kind"]) if isinstance(f, dict) else (f.organ, f.kind)
-        out[PAIRS.index((organ, kind))] = 1
+    for pair in pairs:
+        out[PAIRS.index(tuple(pair))] = 1
     return out
 
 
@@ -78,7 +76,7 @@ def phantom_targets(phantom: Phantom, config: PreprocessConfig) -> dict[str, Ten
         findings[row] = torch.maximum(findings[row], occupancy[len(LABELS) + i])
     return {"organs": F.avg_pool3d(organs[None], STRIDE, ceil_mode=True)[0].half(),
             "findings": (F.max_pool3d(findings[None], STRIDE, ceil_mode=True)[0] >= 0.5).to(torch.uint8),
-            "present": present(truth.findings)}
+            "present": present(truth.pairs)}
 
 
 def _tower_example(args) -> dict:
@@ -115,7 +113,7 @@ def labels_present(roots: Sequence[Path]) -> dict[str, Tensor]:
     out = {}
     for root in roots:
         for case in json.loads((Path(root) / "labels.json").read_text())["cases"]:
-            out.update({str(Path(root) / image): present(case["findings"]) for image in case["images"]})
+            out.update({str(Path(root) / image): present((f["organ"], f["kind"]) for f in case["findings"]) for image in case["images"]})
     return out
 
 
@@ -139,7 +137,7 @@ class OrganAwareSigLIP(nn.Module):
         losses = {**dense_losses(self.decoder(fused), organs, findings),
                   "tokens": sum(F.binary_cross_entropy_with_logits(head(stage_tokens(m)).amax(1), present)
                                 for head, m in zip(self.token_heads, maps[3:]))}
-        img = F.normalize(self.siglip.mm_vision_proj(stage_tokens(maps[-1]).mean(1)), dim=-1)
+        img = self.siglip.embed_image_features(stage_tokens(maps[-1]).mean(1))
         txt = self.siglip.encode_text(input_ids, attention_mask)
         losses["siglip"] = sigmoid_loss(img, txt, self.siglip.t_prime.exp(), self.siglip.bias)
         return {"loss": sum(losses.values()), **{k: v.detach() for k, v in losses.items()}}
