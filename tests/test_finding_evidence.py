@@ -10,7 +10,7 @@ import torch
 from med3dvlm.data.lesions import ABNORMALITIES, PAIRS
 from med3dvlm.data.phantoms import make_ct_phantom
 from med3dvlm.models.dcformer import DCFormer, DCFormerConfig, stage_tokens
-from med3dvlm.models.evidence import N_EVIDENCE, FindingSegmenter, pair_probabilities
+from med3dvlm.models.findings import N_EVIDENCE, FindingSegmenter, pair_probabilities
 from med3dvlm.preprocess import DEMO
 from med3dvlm.train.config import TrainConfig
 from med3dvlm.train.lesion_crops import CROP, LesionCrops, segmenter_targets, train_segmenter, _segmenter_example

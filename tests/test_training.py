@@ -1,6 +1,11 @@
 """Training on freshly generated phantoms: the demo recipe in miniature and the stage commands."""
 
+import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +18,7 @@ from med3dvlm.train.demo import DemoRecipe, train_demo
 from med3dvlm.train.oracle import LanguageGate
 from med3dvlm.train.volumes import cached_pixels
 
+ROOT = Path(__file__).resolve().parents[1]
 OPEN_GATE = LanguageGate(recall=0.0, invented=1.0, closed_vqa=0.0, n_phantoms=4)
 
 
@@ -28,8 +34,17 @@ def tiny_recipe(**changes) -> DemoRecipe:
     return DemoRecipe(**{**options, **changes})
 
 
-def test_tiny_demo_recipe_passes_its_gates_writes_a_loadable_bundle_and_resumes(tmp_path):
-    summary = train_demo(tmp_path / "model", tmp_path / "work", tiny_recipe(), progress=False)
+def test_gpu_script_dry_run_builds_a_loadable_demo_and_python_resumes_it(tmp_path):
+    """scripts/train_demo_gpu.sh with a tiny recipe on the CPU (the GPU run is the same command)."""
+    recipe = {k: v for k, v in dataclasses.asdict(tiny_recipe()).items() if k != "workers"}
+    (tmp_path / "tiny.json").write_text(json.dumps(recipe))
+    env = {**os.environ, "MED3DVLM_DEMO_RECIPE": str(tmp_path / "tiny.json"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "train_demo_gpu.sh"), str(tmp_path / "model"),
+                           str(tmp_path / "work")], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Demo model written to" in done.stdout and "language gate on oracle tokens" in done.stdout
+    summary = json.loads((tmp_path / "model" / "recipe.json").read_text())
     assert summary["oracle_loss"][1] < 0.8 * summary["oracle_loss"][0]
     assert set(summary["language_gate"]) >= {"report_recall", "closed_vqa_accuracy", "reports_with_invented_finding"}
     assert [row["steps"] for row in summary["segmenter_curve"]] == [3]
@@ -38,9 +53,8 @@ def test_tiny_demo_recipe_passes_its_gates_writes_a_loadable_bundle_and_resumes(
     assert pipe.retrieval is not None and pipe.model.config.vision_config.evidence
     image = next((tmp_path / "work" / "phantoms-0" / "M3D_Cap_npy" / "ct_case" / "000001").glob("*.nii.gz"))
     assert isinstance(pipe.report(image, max_new_tokens=8), str)
-    written = json.loads((tmp_path / "model" / "recipe.json").read_text())
-    assert written["recipe"]["n_phantoms"] == 12
-    assert set(written["probes"]) == {"encoder_tokens", "projector_tokens"}
+    assert summary["recipe"]["n_phantoms"] == 12
+    assert set(summary["probes"]) == {"encoder_tokens", "projector_tokens"}
 
     # --resume from the written model in a new work folder: its segmenter goes on, its curve with it
     again = train_demo(tmp_path / "model-2", tmp_path / "work-2", tiny_recipe(), progress=False,

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from med3dvlm.errors import ModelError
-from med3dvlm.models.evidence import N_EVIDENCE, FindingSegmenter, pair_probabilities, token_evidence
+from med3dvlm.models.findings import N_EVIDENCE, FindingSegmenter, pair_probabilities, token_evidence
 
 STEM_KERNEL, STEM_STRIDE, STEM_DEPTH, STEM_INNER_KERNEL = 7, 4, 4, 3
 MLP_RATIO = 4
@@ -49,7 +49,7 @@ class DCFormerConfig:
 
     ``evidence`` (not in the released models): a ``FindingSegmenter`` runs beside the encoder and
     each token of the two deepest stages gains ``N_EVIDENCE`` channels, the largest organ x kind
-    probabilities inside its cell (``models.evidence``).
+    probabilities inside its cell (``models.findings``).
     """
 
     variant: str = "small"

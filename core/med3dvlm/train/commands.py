@@ -14,6 +14,7 @@ Under ``torchrun --nproc_per_node N -m med3dvlm.cli train ...`` each stage runs 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -137,7 +138,8 @@ def cmd_demo(args) -> None:
     from .demo import DemoRecipe, train_demo
 
     given = {"n_phantoms": args.n, "seed": args.seed, "probe_gate": args.probe_gate}
-    recipe = DemoRecipe(**{k: v for k, v in given.items() if v is not None})
+    recipe = DemoRecipe.from_file(args.recipe) if args.recipe else DemoRecipe()
+    recipe = dataclasses.replace(recipe, **{k: v for k, v in given.items() if v is not None})
     if args.segmenter_rounds is not None:
         recipe.segmenter["rounds"] = args.segmenter_rounds
     summary = train_demo(args.out, args.work, recipe, resume=_demo_folder(args.resume))
@@ -224,6 +226,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--seed", type=int, help="phantom and training seed (default: 0)")
     p.add_argument("--probe-gate", type=float,
                    help="image-token probe macro AUC needed before the VLM stage (default 0.95; 0: always go on)")
+    p.add_argument("--recipe", metavar="FILE",
+                   help="JSON of recipe fields to change (e.g. scripts/demo_gpu_recipe.json for one GPU)")
     p.add_argument("--resume", metavar="FOLDER", nargs="?", const="demo",
                    help="continue from a demo model folder (default: the shipped one): keep its tokenizer and "
                         "DCFormer/text towers, train its finding segmenter further (the work folder's run "

@@ -37,10 +37,11 @@ from ..data.reports import write_report
 from ..errors import Med3DVLMError
 from ..eval.probe import probe_auc, token_features
 from ..models.dcformer import DCFormerConfig
-from ..models.evidence import FindingSegmenter
+from ..models.findings import FindingSegmenter
 from ..models.text import TextConfig
 from ..preprocess import PRESETS
 from ..tokenizer import train_tokenizer
+from .checkpoint import CHECKPOINT_DIR
 from .config import TrainConfig
 from .dense import labels_present, tower_phantoms
 from .evidence_tower import refit_retrieval, with_evidence
@@ -88,6 +89,18 @@ class DemoRecipe:
                                                "weight_decay": 0.0, "warmup_steps": 50})
     language_gate: LanguageGate = field(default_factory=LanguageGate)
 
+    @classmethod
+    def from_file(cls, path: str | Path) -> DemoRecipe:
+        """The recipe with the fields a JSON file gives changed (a stage's options are replaced whole)."""
+        try:
+            changes = json.loads(Path(path).read_text())
+            if "language_gate" in changes:
+                changes["language_gate"] = LanguageGate(**changes["language_gate"])
+            return cls(**changes)
+        except (OSError, ValueError, TypeError) as error:
+            raise Med3DVLMError(f"The recipe file {path} cannot be used ({error}); give a JSON object of "
+                                f"DemoRecipe fields.") from None
+
 
 def _shard(args) -> str:
     root, n, seed = args
@@ -117,7 +130,8 @@ def token_probe(features: dict, fit: list[str], test: list[str], labels: dict, p
     def stack(keys):
         low, high = (torch.stack([features[k][n] for k in keys]).float() for n in (0, 1))
         with torch.inference_mode():
-            streams = (low, high) if project is None else (project(low, high),)
+            device = next(project.parameters()).device if project is not None else None
+            streams = (low, high) if project is None else (project(low.to(device), high.to(device)).cpu(),)
         return token_features(*streams), torch.stack([labels[k] for k in keys])
 
     return probe_auc(*stack(fit), *stack(test), names=[f"{o}/{k}" for o, k in PAIRS])
@@ -200,9 +214,11 @@ def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | N
     examples = _vlm_examples(recipe, roots, caps, vqas, model.config.num_image_tokens)
     oracle = oracle_features(roots + [gate_root], model.config.num_image_tokens, recipe.lm_width,
                              recipe.language_gate.noise, recipe.seed)
-    oracle_run = vlm_stage(model, oracle, examples, tokenizer, _train_config(recipe, work / "oracle", progress,
-                                                                             recipe.oracle_vlm),
-                           train_lm=True, max_length=recipe.lm_context)
+    # its inputs are the phantoms and the recipe alone: a rerun in the same work folder continues it
+    oracle_config = _train_config(recipe, work / "oracle", progress, recipe.oracle_vlm)
+    oracle_config.resume = (work / "oracle" / CHECKPOINT_DIR / "training_state.pt").is_file()
+    oracle_run = vlm_stage(model, oracle, examples, tokenizer, oracle_config, train_lm=True,
+                           max_length=recipe.lm_context)
     language = language_gate(model, tokenizer, oracle, gate_root, recipe.language_gate)
     log(f"language gate: recall {language['report_recall']:.3f}, invented {language['reports_with_invented_finding']:.3f}, "
         f"closed VQA {language['closed_vqa_accuracy']:.3f} on {language['n_volumes']} unseen phantoms from oracle tokens")
@@ -222,7 +238,7 @@ def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | N
     lap("dcformer")
     segmenter, curve = _segmenter_stage(recipe, work, resume, progress, log)
     lap("finding segmenter")
-    siglip = with_evidence(siglip, segmenter)
+    siglip = with_evidence(siglip, segmenter).to(next(segmenter.parameters()).device)
     features = encoder_features(siglip.vision_encoder, pixels, progress=progress)
     refit_retrieval(siglip, {k: f[1].float().mean(0) for k, f in features.items()},
                     [(str(c.image_path), c.text) for c in caps], tokenizer,
@@ -248,6 +264,7 @@ def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | N
     lap("vlm")
     model.eval()
     probes["projector_tokens"] = token_probe(features, train_images, gate_images, labels, model.mm_projector)
+    model, siglip = model.cpu(), siglip.cpu()  # trained on a GPU where there is one; saved from the CPU
 
     save_bundle(out, model, tokenizer)
     save_siglip(out / SIGLIP_FOLDER, siglip, recipe.max_text_length)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..models.evidence import FindingSegmenter
+from ..models.findings import FindingSegmenter
 from ..models.siglip import SigLIPModel, sigmoid_loss
 from ..models.text import encode_text_tokens
 from .config import TrainConfig

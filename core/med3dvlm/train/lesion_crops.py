@@ -30,7 +30,7 @@ from ..data.anatomy import LABELS
 from ..data.lesions import ABNORMALITIES, PAIRS
 from ..data.phantoms import Phantom, make_ct_phantom
 from ..eval.classification import per_class_auc
-from ..models.evidence import N_KINDS, N_ORGANS, STEM_STRIDE, FindingSegmenter, coordinate_grid, pair_probabilities
+from ..models.findings import N_KINDS, N_ORGANS, STEM_STRIDE, FindingSegmenter, coordinate_grid, pair_probabilities
 from ..preprocess import PreprocessConfig, carry, preprocess
 from .checkpoint import CHECKPOINT_DIR
 from .config import TrainConfig
