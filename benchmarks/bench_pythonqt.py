@@ -1,4 +1,4 @@
-"""The chat inside Slicer, emulated: tokens per second reaching the panel versus the server's own
+"""The chat inside Slicer, emulated: text per second reaching the panel versus the server's own
 rate, and the longest main-thread stall (targets: >= 90 % of the server's rate, stall < 50 ms).
 
 Slicer runs Python through PythonQt, which keeps the GIL on the main thread while Qt's event
@@ -13,7 +13,8 @@ thread in this process would run only inside those ticks; the model runs in the 
     python benchmarks/bench_pythonqt.py --full-size     # a 512 x 512 x 300 int16 CT node, from a cold start
 
 Prints one Markdown row for benchmarks/README.md (section "Slicer main thread, PythonQt emulated"):
-model | machine | tokens | server rate | panel rate | ratio | longest tick | longest request start.
+model | machine | text | server rate | panel rate | ratio | longest tick | longest request start. Rates
+are in characters per second: the module shows the tokens that came during one tick as one piece.
 With ``--full-size`` the first request starts the server, loads the model and sends 150 MB of
 voxels, and every tick counts; the row is: model | machine | longest tick | longest click |
 click to first token (cold) | follow-up click to first token.
@@ -76,9 +77,9 @@ def main() -> int:
     panel.show()
     controller = ChatController(panel, logic)
 
-    arrivals: list[float] = []  # when each streamed piece reached the panel
+    arrivals: list[tuple[float, int]] = []  # when each streamed piece reached the panel, and its characters
     show = panel.append_stream
-    panel.append_stream = lambda piece: (arrivals.append(time.perf_counter()), show(piece))
+    panel.append_stream = lambda piece: (arrivals.append((time.perf_counter(), len(piece))), show(piece))
     ticks: list[Held] = []  # the module's own work per tick: what Slicer's UI waits for
 
     def run(action) -> Run:
@@ -91,7 +92,7 @@ def main() -> int:
             with Held.timing() as tick:
                 app.processEvents()  # one timer tick of the module's own code
             ticks.append(tick)
-        return Run(click, list(arrivals), (arrivals[0] - start) * 1000 if arrivals else float("nan"))
+        return Run(click, list(arrivals), (arrivals[0][0] - start) * 1000 if arrivals else float("nan"))
 
     if args.full_size:
         return _full_size(run, controller, logic, panel, ticks, args)
@@ -112,8 +113,8 @@ def main() -> int:
 
     server_rate, panel_rate = _rate(direct), _rate([r.arrivals for r in runs])
     wall = [t.wall for t in ticks]
-    print(f"| {_model(args)} | {_machine()} | {sum(len(r.arrivals) for r in runs)} pieces in {len(runs)} requests | "
-          f"{server_rate:.0f} /s | {panel_rate:.0f} /s | **{panel_rate / server_rate:.0%}** | **{max(wall):.1f} ms** "
+    print(f"| {_model(args)} | {_machine()} | {sum(n for r in runs for _, n in r.arrivals)} characters in "
+          f"{len(runs)} requests | {server_rate:.0f} /s | {panel_rate:.0f} /s | **{panel_rate / server_rate:.0%}** | **{max(wall):.1f} ms** "
           f"(median {np.median(wall):.2f}) | {max(r.click.wall for r in runs):.1f} ms |")
     return _report_errors(panel)
 
@@ -154,7 +155,7 @@ class Held:
 @dataclass
 class Run:
     click: Held  # the call itself (the button's click handler)
-    arrivals: list[float]  # when each streamed piece reached the panel
+    arrivals: list[tuple[float, int]]  # when each streamed piece reached the panel, and its characters
     first_piece: float  # ms from the click to the first piece
 
 
@@ -173,15 +174,15 @@ def _report_errors(panel) -> int:
     return 1 if errors else 0
 
 
-def _arrivals(request) -> list[float]:
-    times: list[float] = []
-    request(lambda piece: times.append(time.perf_counter()))
+def _arrivals(request) -> list[tuple[float, int]]:
+    times: list[tuple[float, int]] = []
+    request(lambda piece: times.append((time.perf_counter(), len(piece))))
     return times
 
 
-def _rate(requests: list[list[float]]) -> float:
-    """Pieces per second from each request's first piece to its last, over all requests."""
-    spans = [(len(times) - 1, times[-1] - times[0]) for times in requests if len(times) > 1]
+def _rate(requests: list[list[tuple[float, int]]]) -> float:
+    """Characters per second from each request's first piece to its last, over all requests."""
+    spans = [(sum(n for _, n in pieces[1:]), pieces[-1][0] - pieces[0][0]) for pieces in requests if len(pieces) > 1]
     return sum(n for n, _ in spans) / sum(t for _, t in spans)
 
 
