@@ -9,11 +9,11 @@ Heavy modules (torch, transformers) load on first use of ``load``.
 """
 
 from .cancel import CancelToken
-from .errors import Med3DVLMError, ModelError, VolumeError
+from .errors import Med3DVLMError, ModelError, RegionError, VolumeError
 from .volume import Volume
 
 __version__ = "0.1.0"
-__all__ = ["CancelToken", "Med3DVLMError", "ModelError", "Volume", "VolumeError",
+__all__ = ["CancelToken", "Med3DVLMError", "ModelError", "RegionError", "Volume", "VolumeError",
            "connect", "load", "read_volume"]
 
 
