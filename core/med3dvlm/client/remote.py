@@ -15,67 +15,74 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 
-import numpy as np
-
 from .. import prompts
+from ..answerer import TokenCallback
 from ..cancel import CancelToken
 from ..detection_result import DetectionResult
 from ..errors import Med3DVLMError
-from ..readers import file_version, read_volume
+from ..readers import as_volume
 from ..volume import Volume
+from ..volume_cache import known_volumes
 from . import tasks
 from .transport import Server, run
 
-TokenCallback = Callable[[str], None]
+Job = Callable[[list[str], tasks.EventCallback], object]  # (digests, on_event) -> the job's task
 
 
 class RemotePipeline:
+    """The methods of :class:`med3dvlm.answerer.Answerer`, answered by a model server."""
+
     def __init__(self, url: str, token: str | None = None, ca_file: str | None = None) -> None:
         self.server = Server(url, token, ca_file)
-        self._files: dict[tuple, str] = {}  # file_version -> digest
         self.last_provenance: dict | None = None  # what produced the last answer (model, weights, settings)
         self._info = self.info()
 
     def info(self) -> dict:
         """The server's model, device, precision, state (loading, ready, failed) and limits."""
-        return run(tasks.get_json(self.server, "/info"))
+        return run(tasks.info(self.server))
 
     @property
     def model_name(self) -> str:
         return self._info["model"]
 
+    def describe(self) -> dict:
+        self._info = self.info()
+        return {"name": self.model_name, **{key: self._info.get(key) for key in
+                                            ("device", "dtype", "quantization", "capabilities")}}
+
     def __repr__(self) -> str:
         return f"RemotePipeline({self.server.url!r}, model={self.model_name!r})"
+
+    def provenance(self, task: str, volume=None, **settings) -> dict:
+        """What produced the last answer, as the server recorded it with that answer (so ``task``,
+        ``volume`` and ``settings`` are those of the last request; the server's time included)."""
+        if self.last_provenance is None:
+            raise Med3DVLMError("The server has not answered this client yet; its record comes with each answer.")
+        return self.last_provenance
 
     # ----- volumes ---------------------------------------------------------------------------
     def encode(self, volume) -> str:
         """Make sure the server has the volume (upload it once); returns its digest. The server
         encodes it with the first request about it and keeps the image tokens for the next."""
-        return run(self._digest(volume))
+        return run(self._send(volume))
 
-    def _digest(self, volume):
-        if isinstance(volume, (str, os.PathLike)):
-            key = file_version(volume)
-            digest = yield from tasks.ensure_volume(self.server, lambda: read_volume(volume), self._files.get(key))
-            if key is not None:
-                self._files[key] = digest
-            return digest
-        if isinstance(volume, tuple):
-            volume = Volume(np.asarray(volume[0]), np.asarray(volume[1]))
-        if not isinstance(volume, Volume):
+    def _send(self, volume):
+        if not isinstance(volume, (str, os.PathLike, tuple, Volume)):
             raise Med3DVLMError(f"Pass a Volume, a file path or (array, affine), not {type(volume).__name__}.")
-        return (yield from tasks.ensure_volume(self.server, lambda: volume))
+        return (yield from tasks.send_volume(self.server, tasks.Loaded(volume, as_volume), known_volumes))
 
     # ----- jobs --------------------------------------------------------------------------------
-    def _events(self, volume, path: str, payload: dict, cancel: CancelToken | None) -> Iterator[dict]:
-        """The job's events as they arrive, ending with ``done``; Stop (``cancel``) asks the
-        server to stop, and an abandoned iterator closes the connection, which stops it too."""
+    def _events(self, volumes: list, job: Job, cancel: CancelToken | None) -> Iterator[dict]:
+        """The job's events about ``volumes`` (sent first, unless the server has them) as they
+        arrive, ending with ``done``; Stop (``cancel``) asks the server to stop, and an abandoned
+        iterator closes the connection, which stops it too."""
         pending: deque[dict] = deque()
 
         def task():
-            if volume is not None:
-                payload["volume"] = yield from self._digest(volume)
-            return (yield from tasks.job(self.server, path, payload, pending.append))
+            digests = []
+            for volume in volumes:
+                digests.append((yield from self._send(volume)))
+            return (yield from job(digests, pending.append))
 
         running, job_id, asked = task(), None, False
         while True:
@@ -96,40 +103,49 @@ class RemotePipeline:
             if wait is not None:
                 wait.ready(0.05)
 
-    def _text(self, volume, path, payload, on_token, cancel) -> str:
+    def _text(self, volume, job: Job, on_token: TokenCallback | None, cancel) -> str:
         final = {}
-        for event in self._events(volume, path, payload, cancel):
+        for event in self._events([volume], job, cancel):
             if event["event"] == "token" and on_token is not None:
                 on_token(event["text"])
             final = event
         return final.get("text", "").strip()
 
-    def _stream(self, volume, path, payload, cancel) -> Iterator[str]:
-        for event in self._events(volume, path, payload, cancel):
+    def _stream(self, volume, job: Job, cancel) -> Iterator[str]:
+        for event in self._events([volume], job, cancel):
             if event["event"] == "token":
                 yield event["text"]
 
-    @staticmethod
-    def _ask_payload(question, history, choices, settings) -> dict:
-        return {"question": question, "history": [list(turn) for turn in history],
-                "choices": list(choices) if choices else None, "generation": settings}
+    def _final(self, volumes: list, job: Job) -> dict:
+        final = {}
+        for final in self._events(volumes, job, None):
+            pass
+        return final
+
+    def _report(self, instruction: str, settings: dict) -> Job:
+        return lambda digests, on_event: tasks.report(self.server, digests[0], on_event, instruction=instruction,
+                                                      generation=settings)
+
+    def _ask(self, question: str, history, choices, settings: dict) -> Job:
+        if not (question or "").strip():
+            raise Med3DVLMError("The question is empty; type a question about the volume.")
+        return lambda digests, on_event: tasks.ask(self.server, digests[0], question, on_event, history=history,
+                                                   choices=choices, generation=settings)
 
     def report(self, volume, *, instruction: str = prompts.REPORT_PROMPT, on_token: TokenCallback | None = None,
                cancel: CancelToken | None = None, **settings) -> str:
-        return self._text(volume, "/report", {"instruction": instruction, "generation": settings}, on_token, cancel)
+        return self._text(volume, self._report(instruction, settings), on_token, cancel)
 
     def ask(self, volume, question: str, *, history: Sequence[tuple[str, str]] = (),
             choices: Sequence[str] | None = None, on_token: TokenCallback | None = None,
             cancel: CancelToken | None = None, **settings) -> str:
-        if not (question or "").strip():
-            raise Med3DVLMError("The question is empty; type a question about the volume.")
-        return self._text(volume, "/ask", self._ask_payload(question, history, choices, settings), on_token, cancel)
+        return self._text(volume, self._ask(question, history, choices, settings), on_token, cancel)
 
     def stream_report(self, volume, *, instruction: str = prompts.REPORT_PROMPT, cancel=None, **settings):
-        return self._stream(volume, "/report", {"instruction": instruction, "generation": settings}, cancel)
+        return self._stream(volume, self._report(instruction, settings), cancel)
 
     def stream_ask(self, volume, question: str, *, history=(), choices=None, cancel=None, **settings):
-        return self._stream(volume, "/ask", self._ask_payload(question, history, choices, settings), cancel)
+        return self._stream(volume, self._ask(question, history, choices, settings), cancel)
 
     def report_batch(self, volumes: Sequence, *, batch_size: int = 1, progress: Callable[[int], None] | None = None,
                      **settings) -> list[str]:
@@ -148,16 +164,13 @@ class RemotePipeline:
         else:
             sequences = None
             volumes = volume_or_study if isinstance(volume_or_study, list) else [volume_or_study]
-        digests = [run(self._digest(volume)) for volume in volumes]
-        final = {}
-        for final in self._events(None, "/detect", {"volumes": digests, "sequences": sequences}, None):
-            pass
+        final = self._final(volumes, lambda digests, on_event: tasks.detect(self.server, digests, on_event,
+                                                                            sequences=sequences))
         return DetectionResult.from_dict(final["detection"])
 
     def retrieve(self, volume, texts: Sequence[str]) -> list[tuple[int, float]]:
-        final = {}
-        for final in self._events(volume, "/retrieve", {"texts": list(texts)}, None):
-            pass
+        final = self._final([volume], lambda digests, on_event: tasks.retrieve(self.server, digests[0], texts,
+                                                                               on_event))
         return [(int(index), float(score)) for index, score in final["ranking"]]
 
 

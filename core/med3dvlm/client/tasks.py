@@ -1,67 +1,200 @@
-"""The two tasks every client runs: make sure the server has a volume, and run a job.
+"""One task per endpoint of the model server, and :func:`send_volume` (a volume's digest, uploading
+it unless the server has it). A job task (report, ask, detect, retrieve) passes the job's
+``queued``/``status``/``token`` events to ``on_event`` as they arrive and returns its ``done``
+event; an ``error`` event raises ServerError. Adding an endpoint: its router in server/endpoints/,
+its task here.
 
-Both are generator tasks (see :mod:`.transport`), so the Slicer module runs them from its timer
-and ``med3dvlm.connect`` runs them blocking, with the same code.
+All are generator tasks (see :mod:`.transport`), so the Slicer module runs them from its timer and
+``med3dvlm.connect`` runs them blocking, with the same code.
 """
 
 from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
+from ..errors import Med3DVLMError
 from ..volume import Volume
-from ..server.protocol import VOLUME_HEADER, digest_steps, header_text, raw_chunks, wire_form
+from ..volume_cache import Identity, KnownVolumes, identity
+from ..wire import VOLUME_HEADER, FINAL_EVENTS, digest_steps, header_text, voxel_bytes, wire_chunks, wire_header
 from .transport import ConnectionLost, Server, ServerError, exchange
 
 JSON = [("Content-Type", "application/json")]
+EventCallback = Callable[[dict], None]
+READS = 3  # a volume that changes while it is sent is read again, at most this many times in all
 
 
-def ensure_volume(server: Server, get_volume: Callable[[], Volume], digest: str | None = None,
-                  compress: bool | None = None):
-    """Task: the volume's digest, uploading the volume unless the server has it already.
+class VolumeChanged(Med3DVLMError):
+    """The volume changed while it was being sent (a Slicer node edited meanwhile)."""
 
-    ``get_volume`` is called only when needed: to compute an unknown digest, or to upload.
-    Voxels are deflated for a remote server (a little CPU for a lot less network) and sent as they
-    are to a local one; hashing and deflating go a chunk at a time, so a UI stays responsive."""
-    volume = None
+
+class VolumeSource(Protocol):
+    """Where :func:`send_volume` gets a volume. The voxels may be read in place (a Slicer node's
+    buffer), a chunk at a time over many steps: ``check`` runs before each chunk."""
+
+    def identity(self) -> Identity | None:
+        """What the source holds now, known without reading it (KnownVolumes remembers its digest);
+        None when it cannot be told (hashed each time)."""
+
+    def read(self) -> Volume:
+        """The volume as the source holds it now."""
+
+    def check(self) -> None:
+        """Raise VolumeChanged when the source no longer holds what ``read`` returned."""
+
+
+class Loaded:
+    """A file, Volume or (array, affine) pair that nothing changes while it is sent; ``read(volume)``
+    makes it a Volume (reads a file) when first needed."""
+
+    def __init__(self, volume, read: Callable[[object], Volume]) -> None:
+        self._given, self._read, self._volume = volume, read, None
+        self._identity = identity(volume)
+
+    def identity(self) -> Identity | None:
+        return self._identity
+
+    def read(self) -> Volume:
+        if self._volume is None:
+            self._volume = self._read(self._given)
+        return self._volume
+
+    def check(self) -> None:
+        pass
+
+
+# ----- volumes ---------------------------------------------------------------------------------------
+def send_volume(server: Server, source: VolumeSource, known: KnownVolumes, compress: bool | None = None):
+    """Task: the digest the server knows the volume by, uploading it unless the server has it.
+
+    A volume in ``known`` is not read or hashed again unless the server has dropped it. Voxels are
+    deflated for a remote server (a little CPU for a lot less network) and sent as they are to a
+    local one. Hashing, deflating and sending go a chunk at a time, so a UI stays responsive; a
+    volume that changes meanwhile is read and hashed again, never sent stale."""
+    for _ in range(READS):
+        try:
+            digest, hashed = yield from digest_of(source, known)
+            if (yield from has_volume(server, digest)):
+                return digest
+            volume = source.read()
+            if source.identity() != hashed:  # changed while the server was asked
+                continue
+            yield from upload_volume(server, digest, volume, source.check, compress)
+            return digest
+        except VolumeChanged:
+            pass
+    raise VolumeChanged("The volume kept changing while it was being sent to the model server; "
+                        "ask again once it has stopped changing.")
+
+
+def digest_of(source: VolumeSource, known: KnownVolumes):
+    """Task: the digest of what the source holds now, remembered in ``known`` or hashed a chunk at
+    a time (and remembered); returns (digest, the source's identity it belongs to)."""
+    hashed = source.identity()
+    digest = known.get(hashed)
     if digest is None:
-        volume = get_volume()
-        digest = yield from digest_steps(volume)
+        digest = yield from digest_steps(source.read(), source.check)
+        known.put(hashed, digest)
+    return digest, hashed
+
+
+def has_volume(server: Server, digest: str):
+    """Task: GET /volumes/{digest}: whether the server has the volume."""
     response = yield from exchange(server, "GET", f"/volumes/{digest}")
-    if response.status == 200:
-        return digest
-    if response.status != 404:
+    if response.status not in (200, 404):
         raise response.error()
-    header, array = wire_form(volume if volume is not None else get_volume())
+    return response.status == 200
+
+
+def upload_volume(server: Server, digest: str, volume: Volume, check: Callable[[], None] = lambda: None,
+                  compress: bool | None = None):
+    """Task: PUT /volumes/{digest}. Each chunk is copied as it is sent, right after ``check``, so the
+    server never gets bytes of two versions of the volume."""
+    header = wire_header(volume)
     headers = [(VOLUME_HEADER, header_text(header)), ("Content-Type", "application/octet-stream")]
     if not server.is_local if compress is None else compress:
         deflater, pieces = zlib.compressobj(1), []
-        for chunk in raw_chunks(array):
+        for chunk in wire_chunks(volume, check):
             pieces.append(deflater.compress(chunk))
             yield None
         pieces.append(deflater.flush())
         headers.append(("Content-Encoding", "deflate"))
+        body, length = (check() or piece for piece in pieces), sum(map(len, pieces))
     else:
-        pieces = list(raw_chunks(array))
-    response = yield from exchange(server, "PUT", f"/volumes/{digest}", headers=headers, body=pieces)
+        body, length = (bytes(chunk) for chunk in wire_chunks(volume, check)), voxel_bytes(header)
+    response = yield from exchange(server, "PUT", f"/volumes/{digest}", headers=headers, body=body, length=length)
     if response.status != 201:
         raise response.error()
-    return digest
 
 
-def job(server: Server, path: str, payload: dict, on_event: Callable[[dict], None]):
-    """Task: POST a job, pass each ``queued``/``status``/``token`` event to ``on_event`` as it
-    arrives, and return the ``done`` event; an ``error`` event raises ServerError."""
+def volume_from_path(server: Server, path: str):
+    """Task: POST /volumes/from-path: the digest of a file the server reads from its allowed folder."""
+    return (yield from _post_json(server, "/volumes/from-path", {"path": path}))["digest"]
+
+
+# ----- jobs --------------------------------------------------------------------------------------------
+def report(server: Server, digest: str, on_event: EventCallback, *, instruction: str | None = None,
+           generation: dict | None = None):
+    """Task: POST /report: a report of the volume, its tokens streamed."""
+    body = {"volume": digest, "generation": generation or {}}
+    if instruction is not None:
+        body["instruction"] = instruction
+    return (yield from _job(server, "/report", body, on_event))
+
+
+def ask(server: Server, digest: str, question: str, on_event: EventCallback, *,
+        history: Sequence[tuple[str, str]] = (), choices: Sequence[str] | None = None, generation: dict | None = None):
+    """Task: POST /ask: an answer about the volume given earlier (question, answer) turns, streamed."""
+    return (yield from _job(server, "/ask", {"volume": digest, "question": question,
+                                              "history": [list(turn) for turn in history],
+                                              "choices": list(choices) if choices else None,
+                                              "generation": generation or {}}, on_event))
+
+
+def detect(server: Server, digests: Sequence[str], on_event: EventCallback, *, sequences: Sequence[str] | None = None):
+    """Task: POST /detect: MRI abnormality scores for a volume or a study (each volume's sequence, in order)."""
+    return (yield from _job(server, "/detect", {"volumes": list(digests),
+                                                 "sequences": list(sequences) if sequences else None}, on_event))
+
+
+def retrieve(server: Server, digest: str, texts: Sequence[str], on_event: EventCallback):
+    """Task: POST /retrieve: the texts ranked for the volume."""
+    return (yield from _job(server, "/retrieve", {"volume": digest, "texts": list(texts)}, on_event))
+
+
+def cancel_job(server: Server, job_id: str):
+    """Task: POST /jobs/{id}/cancel: ask the server to stop a job; True if it was still running or waiting."""
+    response = yield from exchange(server, "POST", f"/jobs/{job_id}/cancel", headers=JSON, body=[b"{}"])
+    return response.status == 200
+
+
+def info(server: Server):
+    """Task: GET /info: the server's model, device, precision, state (loading, ready, failed) and limits."""
+    response = yield from exchange(server, "GET", "/info")
+    if response.status != 200:
+        raise response.error()
+    return json.loads(response.body)
+
+
+def _post_json(server: Server, path: str, body: dict):
+    response = yield from exchange(server, "POST", path, headers=JSON, body=[json.dumps(body).encode()])
+    if response.status != 200:
+        raise response.error()
+    return json.loads(response.body)
+
+
+def _job(server: Server, path: str, body: dict, on_event: EventCallback):
     final: dict = {}
 
     def on_line(event: dict) -> None:
-        if event.get("event") in ("done", "error"):
+        if event.get("event") in FINAL_EVENTS:
             final.update(event)
         else:
             on_event(event)
 
-    response = yield from exchange(server, "POST", path, headers=JSON, body=[json.dumps(payload).encode()],
+    response = yield from exchange(server, "POST", path, headers=JSON, body=[json.dumps(body).encode()],
                                    on_line=on_line)
     if response.status != 200:
         raise response.error()
@@ -70,17 +203,3 @@ def job(server: Server, path: str, payload: dict, on_event: Callable[[dict], Non
     if final["event"] == "error":
         raise ServerError(final["message"])
     return final
-
-
-def cancel_job(server: Server, job_id: str):
-    """Task: ask the server to stop a job; True if it was still running or waiting."""
-    response = yield from exchange(server, "POST", f"/jobs/{job_id}/cancel", headers=JSON, body=[b"{}"])
-    return response.status == 200
-
-
-def get_json(server: Server, path: str):
-    """Task: GET a JSON document."""
-    response = yield from exchange(server, "GET", path)
-    if response.status != 200:
-        raise response.error()
-    return json.loads(response.body)
