@@ -21,10 +21,10 @@ from transformers import LlamaConfig, Phi3Config, PreTrainedTokenizerFast, Qwen2
 
 import med3dvlm
 import med3dvlm.checkpoints
-from med3dvlm.checkpoints import load_bundle
 from med3dvlm.convert import convert
 from med3dvlm.errors import ModelError
 from med3dvlm.inspect_model import describe_model, format_description
+from med3dvlm.loading import load_bundle
 from med3dvlm.models.dcformer import DCFormerConfig
 from med3dvlm.models.m3d_lamed import M3DLaMed, M3DLaMedConfig, PoolingProjector, PoolingProjectorConfig, ViT3DConfig
 from med3dvlm.models.projector import ProjectorConfig

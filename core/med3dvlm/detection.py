@@ -22,6 +22,7 @@ from .errors import ModelError, VolumeError
 from .modality import guess_modality
 from .models.medmap import MedMAPConfig, MedMAPModel
 from .preprocess import PreprocessConfig, preprocess
+from .tokenizer import load_tokenizer
 from .volume import Volume
 
 MODEL_TYPE = "medmap-detector"
@@ -127,8 +128,6 @@ class Detector:
 
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device | None = None) -> Detector:
-        from .tokenizer import load_tokenizer
-
         config = read_config(folder)
         if config.get("model_type") != MODEL_TYPE:
             raise ModelError(f"The config.json in {folder} describes {config.get('model_type')!r}, not a "

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from transformers import Qwen2Config
 
-from ..checkpoints import SIGLIP_FOLDER, save_bundle, save_siglip
+from ..loading import SIGLIP_FOLDER, save_bundle, save_siglip
 from ..data.lesions import PAIRS, Finding
 from ..data.m3d import CAP_JSON, CapItem, case_seed, read_cap, read_vqa, write_dataset
 from ..errors import Med3DVLMError
