@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from med3dvlm.data.medmom import PHANTOM_LABELS, read_medmom, write_phantom_medmom
-from med3dvlm.data.medmom_samples import score_studies
 from med3dvlm.data.phantoms import make_mr_study
-from med3dvlm.detection import STUDY_KEY, Detector, as_study, detector_preprocess
+from med3dvlm.detection import STUDY_KEY, Detector, as_study, detector_preprocess, score_studies
 from med3dvlm.errors import Med3DVLMError, ModelError, VolumeError
 from med3dvlm.models.medmap import MedMAPConfig, MedMAPModel
 from med3dvlm.models.text import TextConfig

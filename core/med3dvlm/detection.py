@@ -14,9 +14,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
+
+import numpy as np
 import torch
 
 from .checkpoints import WEIGHTS_NAME, load_weights, read_config, save_weights, write_config
+from .data.medmom_samples import StudySample, collate_studies
 from .detection_result import DetectionResult, LabelScore
 from .errors import ModelError, VolumeError
 from .modality import guess_modality
@@ -70,6 +73,28 @@ def as_study(volume_or_study: StudyLike, sequences: Sequence[str]) -> dict[str, 
                               "pass one volume per sequence.")
         study[sequence] = volume
     return study
+
+
+def subsets_of(sequences: Sequence[str]) -> dict[str, tuple[str, ...] | None]:
+    """The full study (each study's own sequences) and every sequence alone."""
+    return {STUDY_KEY: None, **{s: (s,) for s in sequences}}
+
+
+@torch.inference_mode()
+def score_studies(model: MedMAPModel, samples: Sequence[StudySample], sequences: Sequence[str] | None = None,
+                  zero_shot: bool = False, batch_size: int = 8) -> np.ndarray:
+    """(n, L) probabilities from the given sequences of every study (all of its own when None)."""
+    model.eval()
+    device = model.bias.device
+    rows = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        batch = collate_studies([(torch.stack([s.pixels[n].float() for n in sequences or s.pixels]),
+                                  model.sequence_ids(list(sequences or s.pixels)).cpu(), s.labels, None) for s in chunk])
+        logits = model(batch["images"].to(device), batch["sequence_ids"].to(device), batch["mask"].to(device),
+                       zero_shot)["logits"]
+        rows.append(logits.sigmoid().float().cpu().numpy())
+    return np.concatenate(rows)
 
 
 class Detector:

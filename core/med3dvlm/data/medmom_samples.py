@@ -1,7 +1,8 @@
-"""A MedMoM table's studies as MedMAP inputs, read and preprocessed once, and a model's scores on them.
+"""A MedMoM table's studies as MedMAP inputs: read and preprocessed once, chosen by sequence, batched.
 
 Training (``train.medmap``) and evaluation (``eval.detection_eval``) both work on these samples;
-the table itself (layout, reading, writing phantoms) is ``data.medmom``'s.
+the table itself (layout, reading, writing phantoms) is ``data.medmom``'s, and scoring a model on
+them is ``detection.score_studies``.
 """
 
 from __future__ import annotations
@@ -9,13 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..detection import STUDY_KEY
 from ..errors import Med3DVLMError
-from ..models.medmap import MedMAPModel
 from ..preprocess import PreprocessConfig, preprocess
 from ..readers import read_volume
 from .medmom import MedMoMStudy, label_column
@@ -49,11 +47,6 @@ def medmom_samples(studies: Sequence[MedMoMStudy], labels: Sequence[tuple[str, s
     return out
 
 
-def subsets_of(sequences: Sequence[str]) -> dict[str, tuple[str, ...] | None]:
-    """The full study (each study's own sequences) and every sequence alone."""
-    return {STUDY_KEY: None, **{s: (s,) for s in sequences}}
-
-
 def with_sequences(samples: Sequence[StudySample], sequences: Sequence[str] | None) -> list[StudySample]:
     """The studies that hold every one of ``sequences`` (all studies for None)."""
     return [s for s in samples if sequences is None or all(q in s.pixels for q in sequences)]
@@ -75,20 +68,3 @@ def collate_studies(rows):
 
 def stacked_targets(targets) -> dict[str, torch.Tensor]:
     return {} if targets[0] is None else {k: torch.stack([t[k] for t in targets]).float() for k in targets[0]}
-
-
-@torch.inference_mode()
-def score_studies(model: MedMAPModel, samples: Sequence[StudySample], sequences: Sequence[str] | None = None,
-                  zero_shot: bool = False, batch_size: int = 8) -> np.ndarray:
-    """(n, L) probabilities from the given sequences of every study (all of its own when None)."""
-    model.eval()
-    device = model.bias.device
-    rows = []
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start:start + batch_size]
-        batch = collate_studies([(torch.stack([s.pixels[n].float() for n in sequences or s.pixels]),
-                                  model.sequence_ids(list(sequences or s.pixels)).cpu(), s.labels, None) for s in chunk])
-        logits = model(batch["images"].to(device), batch["sequence_ids"].to(device), batch["mask"].to(device),
-                       zero_shot)["logits"]
-        rows.append(logits.sigmoid().float().cpu().numpy())
-    return np.concatenate(rows)

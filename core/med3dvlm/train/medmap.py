@@ -33,9 +33,8 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..data.medmom import PHANTOM_LABELS, phantom_mr_study
-from ..data.medmom_samples import (StudySample, collate_studies, score_studies, stacked_targets, subsets_of,
-                                   with_sequences)
-from ..detection import Detector, detector_preprocess
+from ..data.medmom_samples import StudySample, collate_studies, stacked_targets, with_sequences
+from ..detection import Detector, detector_preprocess, score_studies, subsets_of
 from ..eval.classification import f1_score, per_class_auc, select_threshold
 from ..models.medmap import MedMAPConfig, MedMAPModel, tokenize
 from ..data.phantoms import Phantom

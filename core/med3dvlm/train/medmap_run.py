@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from ..data.medmom import read_medmom, table_labels, table_sequences
-from ..data.medmom_samples import medmom_samples, subsets_of
-from ..detection import Detector, detector_preprocess
+from ..data.medmom_samples import medmom_samples
+from ..detection import Detector, detector_preprocess, subsets_of
 from ..distributed import barrier, cleanup, init_distributed
 from ..errors import Med3DVLMError
 from ..eval.detection_eval import subset_reports, to_json
