@@ -240,6 +240,16 @@ def test_crop_pad_keeps_scale_centres_and_pads_with_zeros():
     assert torch.allclose(out[2:6, 0, :], torch.tensor([3.0, 4.0, 5.0, 6.0]).div(9).expand(4, 4))
 
 
+@pytest.mark.parametrize("perm, flips", [((0, 1, 2), (0, 1)), ((2, 0, 1), (1,)), ((1, 2, 0), (0, 2))])
+def test_crop_pad_gives_the_same_input_however_the_volume_is_stored(perm, flips):
+    """Odd differences between size and shape leave the extra voxel at the same end of each model
+    axis, so one image stored two ways gives one model input (padding on D, cropping on H and W)."""
+    data = np.random.default_rng(8).uniform(0.1, 1.0, (11, 9, 5)).astype(np.float32)
+    config = PreprocessConfig(shape=(8, 6, 8), resize_mode="crop_pad", crop_foreground=False)
+    expected = preprocess(Volume(data, lps_affine()), config)
+    assert torch.equal(preprocess(Volume(*relayout(data, lps_affine(), perm, flips)), config), expected)
+
+
 def test_crop_pad_with_spacing_resamples_to_millimetres():
     data = np.random.default_rng(5).uniform(0.1, 1.0, (10, 8, 4)).astype(np.float32)
     config = PreprocessConfig(shape=(12, 8, 8), resize_mode="crop_pad", spacing=(1.25, 1.6, 1.4),

@@ -74,7 +74,7 @@ def test_pipeline_record_says_what_produced_an_answer(pipe):
     assert made["generation"] == {"max_new_tokens": 8, "do_sample": False, "temperature": 1.0, "top_p": 0.9,
                                   "repetition_penalty": 1.0}
     (volume,) = made["preprocessing"]["volumes"]
-    assert volume == applied(med3dvlm.read_volume(CT), pipe.preprocess_config)
+    assert volume == {**applied(med3dvlm.read_volume(CT), pipe.preprocess_config), "region": None}  # the whole volume
     assert made["preprocessing"]["preset"]["shape"] == [32, 128, 128]
     assert made["created"] and (made["seed"], made["deterministic"]) == (None, False)  # not seeded here
 

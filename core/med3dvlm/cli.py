@@ -45,6 +45,28 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=None)
 
 
+def _add_framing_args(p: argparse.ArgumentParser, window: bool = True) -> None:
+    p.add_argument("--region", nargs=6, type=float, metavar=("R0", "A0", "S0", "R1", "A1", "S1"),
+                   help="only this box: two opposite corners in RAS mm; the volume is cropped to it (with a "
+                        "10 mm margin) before preprocessing, so the model sees it at a higher resolution")
+    if window:
+        p.add_argument("--window", nargs=2, type=float, metavar=("CENTRE", "WIDTH"),
+                       help="show the model this CT window instead of the preset's (the model was trained with "
+                            "the preset's)")
+
+
+def _framing(args) -> dict:
+    """The region and window of --region / --window, as the pipeline's keyword arguments."""
+    framing = {}
+    if getattr(args, "region", None):
+        framing["region"] = (tuple(args.region[:3]), tuple(args.region[3:]))
+    if getattr(args, "window", None):
+        framing["window"] = tuple(args.window)
+    if framing and getattr(args, "server", None):
+        raise Med3DVLMError("--region and --window work with a model in this process; drop --server.")
+    return framing
+
+
 def _settings(args) -> dict:
     return {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample or None,
             "temperature": args.temperature, "top_p": args.top_p}
@@ -119,21 +141,23 @@ def cmd_report(args) -> None:
     from .batch import expand
 
     volumes = expand(args.volumes)
-    settings = _settings(args)
+    settings, framing = _settings(args), _framing(args)
     if args.output_dir:
+        if framing:
+            raise Med3DVLMError("--region and --window apply to one volume at a time; drop --output-dir.")
         return _report_to_folder(args, volumes, settings)
     pipe = _pipeline(args)
     for volume in volumes:
         started = time.perf_counter()
         if args.format == "json":
-            text = pipe.report(volume, **settings)
+            text = pipe.report(volume, **framing, **settings)
             print(json.dumps({"volume": str(volume), "model": pipe.model_name, "report": text,
-                              "provenance": _provenance(pipe, "report", volume, settings,
+                              "provenance": _provenance(pipe, "report", volume, {**settings, **framing},
                                                         time.perf_counter() - started)}))
             continue
         if len(volumes) > 1:
             print(f"== {volume}")
-        pipe.report(volume, on_token=lambda t: print(t, end="", flush=True), **settings)
+        pipe.report(volume, on_token=lambda t: print(t, end="", flush=True), **framing, **settings)
         print()
 
 
@@ -165,16 +189,17 @@ def _report_to_folder(args, volumes, settings: dict) -> None:
 
 
 def cmd_ask(args) -> None:
+    framing = _framing(args)
     pipe, settings = _pipeline(args), _settings(args)
     started = time.perf_counter()
     if args.json:
-        answer = pipe.ask(args.volume, args.question, choices=args.choices, **settings)
+        answer = pipe.ask(args.volume, args.question, choices=args.choices, **framing, **settings)
         print(json.dumps({"volume": str(args.volume), "question": args.question, "answer": answer,
-                          "provenance": _provenance(pipe, "ask", args.volume, settings,
+                          "provenance": _provenance(pipe, "ask", args.volume, {**settings, **framing},
                                                     time.perf_counter() - started)}, indent=1))
         return
     pipe.ask(args.volume, args.question, choices=args.choices, on_token=lambda t: print(t, end="", flush=True),
-             **settings)
+             **framing, **settings)
     print()
 
 
@@ -200,6 +225,7 @@ def cmd_chat(args) -> None:
 def cmd_detect(args) -> None:
     from .readers import read_volume
 
+    framing = _framing(args)
     pipe = _pipeline(args)
     if args.sequences and len(args.sequences) != len(args.volumes):
         raise Med3DVLMError(f"--sequence names {len(args.sequences)} sequences for {len(args.volumes)} volumes; "
@@ -207,9 +233,9 @@ def cmd_detect(args) -> None:
     started = time.perf_counter()
     volumes = [read_volume(v) for v in args.volumes]  # read once: for the scores and their provenance
     study = dict(zip(args.sequences, volumes)) if args.sequences else volumes
-    result = pipe.detect(study)
+    result = pipe.detect(study, **framing)
     if args.json:
-        print(json.dumps({**result.to_dict(), "provenance": _provenance(pipe, "detect", study, {},
+        print(json.dumps({**result.to_dict(), "provenance": _provenance(pipe, "detect", study, framing,
                                                                          time.perf_counter() - started)}, indent=1))
         return
     weights = ", ".join(f"{seq} {w:.2f}" for seq, w in result.sequence_weights.items())
@@ -225,6 +251,48 @@ def cmd_retrieve(args) -> None:
     texts = [Path(t).read_text().strip() if Path(t).is_file() else t for t in args.texts]
     for rank, (index, score) in enumerate(pipe.retrieve(args.volume, texts), start=1):
         print(f"{rank:>3}  {score:.3f}  {texts[index][:100]}")
+
+
+def cmd_explain(args) -> None:
+    from .readers import read_volume, write_volume
+
+    framing = _framing(args)
+    if args.score and (args.question or args.answer or args.choices or "window" in framing):
+        raise Med3DVLMError("--score explains an abnormality score: give no question, --answer, --choices or --window.")
+    pipe, volume, started = _pipeline(args), read_volume(args.volume), time.perf_counter()
+    if args.score:
+        (evidence,) = pipe.explain_detection(volume, args.score, framing.get("region"), method=args.method,
+                                             samples=args.samples).values()
+    else:
+        evidence = pipe.explain(volume, args.question, args.answer, choices=args.choices, method=args.method,
+                                samples=args.samples, **framing)
+    write_volume(evidence.map, args.output)
+    if args.json:
+        found = {k: v for k, v in evidence.to_dict().items() if k != "preprocessing"}  # in the provenance
+        print(json.dumps({"volume": args.volume, "map": args.output, **found,
+                          "provenance": _provenance(pipe, "explain", volume, framing,
+                                                    time.perf_counter() - started)}, indent=1))
+        return
+    print(f"{evidence.question or 'report'}: {evidence.answer}")
+    peak = ", ".join(f"{c:.1f}" for c in evidence.peak_ras)
+    print(f"evidence map written to {args.output}; strongest support at RAS ({peak}) mm")
+
+
+def cmd_view(args) -> None:
+    from .model_view import model_view
+    from .preprocess import PRESETS
+    from .readers import read_volume, write_volume
+
+    if args.preset not in PRESETS:
+        raise Med3DVLMError(f"Unknown preset {args.preset!r}; use one of {', '.join(PRESETS)}.")
+    view = model_view(read_volume(args.volume), PRESETS[args.preset], **_framing(args))
+    write_volume(view.volume, args.output)
+    if args.json:
+        print(json.dumps({"volume": args.volume, "view": args.output, **view.to_dict()}, indent=1))
+        return
+    low, high = (", ".join(f"{c:.1f}" for c in corner) for corner in view.box_ras)
+    print(f"model input ({' x '.join(map(str, view.volume.shape))}) written to {args.output}; it covers the box "
+          f"from RAS ({low}) to ({high}) mm")
 
 
 def cmd_evaluate(args) -> None:
@@ -362,6 +430,7 @@ def _report_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="volumes generated together (default: 4)")
     _add_model_args(p)
     _add_generation_args(p)
+    _add_framing_args(p)
     p.set_defaults(func=cmd_report)
 
 
@@ -373,6 +442,7 @@ def _ask_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the answer and its provenance as JSON")
     _add_model_args(p)
     _add_generation_args(p)
+    _add_framing_args(p)
     p.set_defaults(func=cmd_ask)
 
 
@@ -391,6 +461,7 @@ def _detect_parser(sub) -> None:
                    help="sequence of each volume in order (T1, T2, FLAIR, DWI, ADC, T1C); default: from headers/names")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_model_args(p)
+    _add_framing_args(p, window=False)
     p.set_defaults(func=cmd_detect)
 
 
@@ -400,6 +471,33 @@ def _retrieve_parser(sub) -> None:
     p.add_argument("texts", nargs="+")
     _add_model_args(p)
     p.set_defaults(func=cmd_retrieve)
+
+
+def _explain_parser(sub) -> None:
+    p = sub.add_parser("explain", help="evidence map: where in the volume an answer (or the report) came from")
+    p.add_argument("volume")
+    p.add_argument("question", nargs="?", help="the question whose answer to explain (default: the report)")
+    p.add_argument("--output", required=True, help="the map on the volume's grid (.nii.gz, .nii or .nrrd)")
+    p.add_argument("--answer", help="the answer to explain (default: the model's own, generated greedily)")
+    p.add_argument("--choices", nargs="+", help="answer choices of a closed question (2 to 4)")
+    p.add_argument("--score", metavar="LABEL", help="explain an MRI abnormality score instead, e.g. 'cyst in the liver'")
+    p.add_argument("--method", choices=["smoothgrad", "integrated"], default="smoothgrad",
+                   help="SmoothGrad x input, or Integrated Gradients from a black image (default: smoothgrad)")
+    p.add_argument("--samples", type=int, default=8, help="forward and backward passes (default: 8)")
+    p.add_argument("--json", action="store_true", help="print the answer, the map's peak and provenance as JSON")
+    _add_model_args(p, remote=False)
+    _add_framing_args(p)
+    p.set_defaults(func=cmd_explain)
+
+
+def _view_parser(sub) -> None:
+    p = sub.add_parser("view", help="write what the model is shown (its input, placed over the scan)")
+    p.add_argument("volume")
+    p.add_argument("--output", required=True, help="the model's input as a volume (.nii.gz, .nii or .nrrd)")
+    p.add_argument("--preset", default="med3dvlm", help="preprocessing preset (default: med3dvlm; the demo model: demo)")
+    p.add_argument("--json", action="store_true", help="print the covered box and the preprocessing as JSON")
+    _add_framing_args(p)
+    p.set_defaults(func=cmd_view)
 
 
 def _evaluate_parser(sub) -> None:
@@ -479,7 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="med3dvlm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_info_parser, _phantoms_parser, _report_parser, _ask_parser, _chat_parser, _detect_parser,
-                _retrieve_parser, _evaluate_parser, _serve_parser, _inspect_parser, _convert_parser,
+                _retrieve_parser, _explain_parser, _view_parser, _evaluate_parser, _serve_parser, _inspect_parser,
+                _convert_parser,
                 add_train_parser, add_detection_eval_parser):
         add(sub)
     return parser

@@ -18,13 +18,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .attribution import frozen
 from .checkpoints import WEIGHTS_NAME, load_weights, read_config, save_weights, write_config
 from .data.medmom_samples import StudySample, collate_studies
 from .detection_result import DetectionResult, LabelScore
 from .errors import ModelError, VolumeError
+from .evidence import Evidence, evidence_maps
 from .modality import guess_modality
+from .model_input import prepare_input
 from .models.medmap import MedMAPConfig, MedMAPModel
-from .preprocess import PreprocessConfig, preprocess
+from .preprocess import PreprocessConfig
+from .region import Region
 from .tokenizer import load_tokenizer
 from .volume import Volume
 
@@ -126,11 +130,12 @@ class Detector:
         return self
 
     @torch.inference_mode()
-    def detect(self, volume_or_study: StudyLike) -> DetectionResult:
-        """Per-label probabilities for one MRI study (a volume, a list, or {sequence: volume})."""
+    def detect(self, volume_or_study: StudyLike, region: Region | None = None) -> DetectionResult:
+        """Per-label probabilities for one MRI study (a volume, a list, or {sequence: volume}),
+        each volume cropped to ``region`` (RAS mm corners) if given."""
         study = as_study(volume_or_study, self.sequences)
         names = list(study)
-        images = torch.stack([preprocess(study[n], self.preprocess_config) for n in names]).to(self.device)
+        images = torch.stack([prepare_input(study[n], self.preprocess_config, region)[0] for n in names]).to(self.device)
         ids = self.model.sequence_ids(names)
         output = self.model(images[None], ids[None], torch.ones(1, len(names), dtype=torch.bool, device=self.device))
         probabilities = output["logits"].sigmoid()[0].float().cpu().tolist()
@@ -140,6 +145,36 @@ class Detector:
         scores.sort(key=lambda s: -s.probability)
         return DetectionResult(scores, tuple(names), dict(zip(names, weights)),
                                {n: study[n].name for n in names})
+
+    def label_index(self, label: str | tuple[str, str]) -> int:
+        """The index of a label given as (organ, kind) or as its text ("cyst in the liver")."""
+        names = [LabelScore(organ, kind, 0.0, 0.0).label.lower() for organ, kind in self.labels]
+        key = (label if isinstance(label, str) else LabelScore(*label, 0.0, 0.0).label).strip().lower()
+        if key not in names:
+            raise ModelError(f"This detector has no label {label!r}; it scores {', '.join(names)}.")
+        return names.index(key)
+
+    def explain(self, volume_or_study: StudyLike, label: str | tuple[str, str], region: Region | None = None, *,
+                method: str = "smoothgrad", samples: int = 8) -> dict[str, Evidence]:
+        """Evidence for one label's score: a map on each volume's grid, by sequence. The score is
+        the label's logit; the answer is its probability."""
+        study = as_study(volume_or_study, self.sequences)
+        index, names = self.label_index(label), list(study)
+        inputs = [prepare_input(study[n], self.preprocess_config, region, device=self.device) for n in names]
+        images = torch.stack([image for image, _ in inputs])
+        ids = self.model.sequence_ids(names)[None]
+        mask = torch.ones_like(ids, dtype=torch.bool)
+
+        def logit(x: torch.Tensor) -> torch.Tensor:
+            return self.model(x[None], ids, mask)["logits"][0, index]
+
+        with frozen(self.model):
+            maps = evidence_maps(logit, images, [study[n] for n in names], [r for _, r in inputs], method, samples)
+            with torch.no_grad():
+                probability = float(torch.sigmoid(logit(images)))
+        question = LabelScore(*self.labels[index], probability, 0.0).label
+        return {n: Evidence(m, f"{probability:.3f}", question, method, record)
+                for n, m, (_, record) in zip(names, maps, inputs)}
 
     # ---- persistence ---------------------------------------------------------------------
     def save(self, folder: str | Path) -> None:

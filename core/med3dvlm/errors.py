@@ -15,3 +15,7 @@ class VolumeError(Med3DVLMError, ValueError):
 class ModelError(Med3DVLMError):
     """A model folder is missing, incomplete, corrupted or does not match the architecture."""
 
+
+
+class RegionError(VolumeError):
+    """A region of interest is empty, outside the volume, or too small for the model's input."""

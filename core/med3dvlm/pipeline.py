@@ -32,13 +32,18 @@ from .official import stop_token_ids
 from .quantization import quantization_of
 from .errors import Med3DVLMError, ModelError
 from .generation import ANSWER_SETTINGS, REPORT_SETTINGS, CallbackStreamer, GenerationSettings, stopping_criteria
-from .preprocess import PRESETS, PreprocessConfig, applied, prepare
+from .evidence import Evidence, explain_answer
+from .model_input import framing_key, input_record, prepare_input
+from .model_view import ModelView, model_view
+from .preprocess import PRESETS, PreprocessConfig
 from .provenance import record
 from .readers import file_version, read_volume
+from .region import Region
 from .volume import Volume
 
 
 VolumeLike = Volume | str | os.PathLike | tuple[np.ndarray, np.ndarray]
+Window = tuple[float, float]  # (centre, width) of a CT window, in place of the preset's
 TokenCallback = Callable[[str], None]
 GENERATION_DEFAULTS = {"report": REPORT_SETTINGS, "ask": ANSWER_SETTINGS}
 
@@ -122,6 +127,13 @@ def _referents(volume) -> tuple:
     return (volume, volume.array) if isinstance(volume, Volume) else ()
 
 
+def _question(question: str | None) -> str:
+    question = (question or "").strip()
+    if not question:
+        raise Med3DVLMError("The question is empty; type a question about the volume.")
+    return question
+
+
 def _members(volume) -> list[tuple[str | None, object]]:
     """(sequence, volume) of each volume of a volume, a list or a {sequence: volume} study."""
     if volume is None:
@@ -170,13 +182,14 @@ class Pipeline:
             return Volume(np.asarray(array), np.asarray(affine))
         return read_volume(volume)
 
-    def pixels(self, volume: VolumeLike) -> torch.Tensor:
-        """The model input (1, 1, D, H, W) for a volume."""
-        return self._prepared(volume)[0]
+    def pixels(self, volume: VolumeLike, region: Region | None = None, window: Window | None = None) -> torch.Tensor:
+        """The model input (1, 1, D, H, W) for a volume (cropped to ``region``, in ``window``)."""
+        return self._prepared(volume, region, window)[0]
 
-    def _prepared(self, volume: VolumeLike) -> tuple[torch.Tensor, dict]:
+    def _prepared(self, volume: VolumeLike, region: Region | None = None,
+                  window: Window | None = None) -> tuple[torch.Tensor, dict]:
         """The model input and the preprocessing applied to make it (provenance)."""
-        image, done = prepare(self.as_volume(volume), self.preprocess_config, device=self.device)
+        image, done = prepare_input(self.as_volume(volume), self.preprocess_config, region, window, self.device)
         return image[None].to(self.dtype), done
 
     def _cache_key(self, volume: Volume) -> str:
@@ -204,18 +217,21 @@ class Pipeline:
             self._known.put(identity, volume, key)
         return key, loaded
 
-    def encode(self, volume: VolumeLike) -> torch.Tensor:
-        """Image tokens (1, N, hidden) of a volume; computed once per volume content and cached."""
-        return self._encoded(volume)[0]
+    def encode(self, volume: VolumeLike, region: Region | None = None, window: Window | None = None) -> torch.Tensor:
+        """Image tokens (1, N, hidden) of a volume; computed once per volume content, region and
+        window, and cached."""
+        return self._encoded(volume, region, window)[0]
 
-    def _encoded(self, volume: VolumeLike) -> tuple[torch.Tensor, dict]:
+    def _encoded(self, volume: VolumeLike, region: Region | None = None,
+                 window: Window | None = None) -> tuple[torch.Tensor, dict]:
         key, loaded = self._key_of(volume)
+        key += framing_key(region, window)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
         loaded = loaded if loaded is not None else self.as_volume(volume)
         with _friendly_oom("encoding the volume"), torch.inference_mode():
-            pixels, done = self._prepared(loaded)
+            pixels, done = self._prepared(loaded, region, window)
             tokens = self.model.encode_images(pixels)
         self._cache[key] = tokens, done
         while len(self._cache) > self._cache_size:
@@ -223,45 +239,53 @@ class Pipeline:
         return self._cache[key]
 
     # ----- provenance ----------------------------------------------------------------------------
-    def provenance(self, task: str, volume=None, **settings) -> dict:
+    def provenance(self, task: str, volume=None, *, region: Region | None = None, window: Window | None = None,
+                   **settings) -> dict:
         """How ``task`` ("report", "ask", "detect", "retrieve", "evaluate") is done for ``volume``
         (for "detect" also a list or {sequence: volume} study) with these generation ``settings``
         (as passed to report/ask): model, weights digest, package, device, precision,
         quantization, the preprocessing applied to each volume, generation settings, seed (see
         provenance.record). Plain JSON; callers add ``seconds``. Report and ask return text, so
         this is how their callers learn what produced it; a volume they encoded is not read,
-        preprocessed or encoded again here."""
+        preprocessed or encoded again here. ``region`` and ``window`` as given to the task."""
         config = self.detector.preprocess_config if task == "detect" and self.detector else self.preprocess_config
         preprocessing = {"preset": {k: v for k, v in asdict(config).items() if k != "dtype"},
-                         "volumes": [self._applied(task, v, config, sequence) for sequence, v in _members(volume)]}
+                         "volumes": [self._applied(task, v, config, sequence, region, window)
+                             for sequence, v in _members(volume)]}
         defaults = GENERATION_DEFAULTS.get(task)
         return record(self, task, preprocessing=preprocessing,
                       generation=asdict(defaults.updated(**settings)) if defaults else None)
 
-    def _applied(self, task: str, volume, config: PreprocessConfig, sequence: str | None) -> dict:
+    def _applied(self, task: str, volume, config: PreprocessConfig, sequence: str | None, region: Region | None,
+                 window: Window | None) -> dict:
         if task in GENERATION_DEFAULTS:  # encoded for the answer: remembered with its image tokens
-            return self._encoded(volume)[1]
+            return self._encoded(volume, region, window)[1]
         loaded = self.as_volume(volume)
-        return {**({"sequence": sequence or loaded.sequence} if task == "detect" else {}), **applied(loaded, config)}
+        return {**({"sequence": sequence or loaded.sequence} if task == "detect" else {}),
+                **input_record(loaded, config, region, window)}
 
     # ----- generation ----------------------------------------------------------------------------
     def report(self, volume: VolumeLike, *, instruction: str = prompts.REPORT_PROMPT,
-               on_token: TokenCallback | None = None, cancel: CancelToken | None = None, **settings) -> str:
-        """A radiology report of the volume, streamed to ``on_token`` if given."""
+               on_token: TokenCallback | None = None, cancel: CancelToken | None = None,
+               region: Region | None = None, window: Window | None = None, **settings) -> str:
+        """A radiology report of the volume (or of ``region``: two opposite corners in RAS mm, see
+        ``med3dvlm.region``; ``window``: (centre, width) instead of the preset's), streamed to
+        ``on_token`` if given."""
         prompt = prompts.report_prompt(self.num_image_tokens, instruction)
-        return self._generate(self.encode(volume), prompt, REPORT_SETTINGS.updated(**settings), on_token, cancel)
+        return self._generate(self.encode(volume, region, window), prompt, REPORT_SETTINGS.updated(**settings),
+                              on_token, cancel)
 
     def ask(self, volume: VolumeLike, question: str, *, history: Sequence[tuple[str, str]] = (),
             choices: Sequence[str] | None = None, on_token: TokenCallback | None = None,
-            cancel: CancelToken | None = None, **settings) -> str:
-        """Answer a question about the volume, given earlier ``(question, answer)`` turns.
+            cancel: CancelToken | None = None, region: Region | None = None, window: Window | None = None,
+            **settings) -> str:
+        """Answer a question about the volume (or ``region``, in ``window``: see ``report``), given
+        earlier ``(question, answer)`` turns.
 
         With ``choices`` (a closed question) the answer is the most likely choice, as ``"B. spleen"``.
         """
-        question = (question or "").strip()
-        if not question:
-            raise Med3DVLMError("The question is empty; type a question about the volume.")
-        image_tokens = self.encode(volume)
+        question = _question(question)
+        image_tokens = self.encode(volume, region, window)
         settings = ANSWER_SETTINGS.updated(**settings)
         history = self._fit_history(question, list(history), choices, settings.max_new_tokens)
         prompt = prompts.vqa_prompt(self.num_image_tokens, question, history, choices)
@@ -382,20 +406,64 @@ class Pipeline:
                           "left out of the prompt.", ContextWarning, stacklevel=3)
 
     # ----- MRI abnormality detection (MedMAP) -----------------------------------------------------
-    def detect(self, volume_or_study) -> DetectionResult:
+    def detect(self, volume_or_study, region: Region | None = None) -> DetectionResult:
         """Per-abnormality probabilities for an MRI volume or study (a list of volumes, or a
-        ``{sequence: volume}`` mapping); volumes may be paths. Reads as ``{label: probability}``."""
+        ``{sequence: volume}`` mapping), or for ``region`` of it (RAS mm corners); volumes may be
+        paths. Reads as ``{label: probability}``."""
+        study = self._study(volume_or_study)
+        with self._lock, _friendly_oom("detecting abnormalities"):
+            return self.detector.detect(study, region)
+
+    def _study(self, volume_or_study):
         if self.detector is None:
             raise ModelError(f"Model {self.model_name} has no MRI abnormality detector; detection needs a "
                              f"'{DETECTOR_FOLDER}' subfolder with a MedMAP detector.")
         if isinstance(volume_or_study, dict):
-            study = {seq: self.as_volume(v) for seq, v in volume_or_study.items()}
-        elif isinstance(volume_or_study, list):
-            study = [self.as_volume(v) for v in volume_or_study]
+            return {seq: self.as_volume(v) for seq, v in volume_or_study.items()}
+        if isinstance(volume_or_study, list):
+            return [self.as_volume(v) for v in volume_or_study]
+        return self.as_volume(volume_or_study)
+
+    # ----- what the model saw, and where its answers came from ---------------------------------------
+    def model_view(self, volume: VolumeLike, region: Region | None = None, window: Window | None = None) -> ModelView:
+        """What the model receives from the volume, placed over the scan (see ``model_view.ModelView``)."""
+        return model_view(self.as_volume(volume), self.preprocess_config, region, window)
+
+    def explain(self, volume: VolumeLike, question: str | None = None, answer: str | None = None,
+                region: Region | None = None, *, window: Window | None = None, choices: Sequence[str] | None = None,
+                history: Sequence[tuple[str, str]] = (), method: str = "smoothgrad", samples: int = 8,
+                save_memory: bool = False) -> Evidence:
+        """Evidence map of an answer on the volume's own grid (see ``evidence.Evidence``).
+
+        ``question`` None explains the report, else the answer to the question (with ``choices``
+        and earlier ``history`` as for ``ask``); ``answer`` None generates it greedily first.
+        ``method`` "smoothgrad" or "integrated" with ``samples`` forward and backward passes;
+        ``save_memory`` keeps the backward's activations in host memory (a 7B model on one GPU).
+        """
+        volume = self.as_volume(volume)
+        if question is None:
+            prompt = prompts.report_prompt(self.num_image_tokens)
+            if answer is None:
+                answer = self.report(volume, region=region, window=window, do_sample=False)
         else:
-            study = self.as_volume(volume_or_study)
-        with self._lock, _friendly_oom("detecting abnormalities"):
-            return self.detector.detect(study)
+            question = _question(question)
+            if answer is None:
+                answer = self.ask(volume, question, history=history, choices=choices, region=region, window=window,
+                                  do_sample=False)
+            history = self._fit_history(question, list(history), choices, 0)
+            prompt = prompts.vqa_prompt(self.num_image_tokens, question, history, choices)
+        with self._lock, _friendly_oom("explaining the answer"):
+            return explain_answer(self.model, self.tokenizer, volume, self.preprocess_config, prompt, answer, question,
+                                  region=region, window=window, device=self.device, method=method, samples=samples,
+                                  save_memory=save_memory)
+
+    def explain_detection(self, volume_or_study, label: str | tuple[str, str], region: Region | None = None, *,
+                          method: str = "smoothgrad", samples: int = 8) -> dict[str, Evidence]:
+        """Evidence for one abnormality score (``"cyst in the liver"`` or ``("liver", "cyst")``): a
+        map on each volume's grid, by sequence (see ``Detector.explain``)."""
+        study = self._study(volume_or_study)
+        with self._lock, _friendly_oom("explaining the score"):
+            return self.detector.explain(study, label, region, method=method, samples=samples)
 
     # ----- retrieval -------------------------------------------------------------------------------
     @torch.inference_mode()

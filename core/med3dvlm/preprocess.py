@@ -155,8 +155,9 @@ class _Plan:
     applied: dict  # the concrete values, plain JSON (see ``applied``)
 
 
-def _orient(volume: Volume, orientation: str) -> tuple[np.ndarray, tuple[float, ...], str]:
-    """Array view in model axes (D, H, W), spacing along them, and a sentence on what was done."""
+def model_axes(volume: Volume, orientation: str) -> tuple[list[int], list[bool]]:
+    """For model axes D, H, W: the stored axis (0, 1, 2 = i, j, k) each one reads, and whether it
+    reads that axis backwards (what reorientation to ``orientation`` does to this volume)."""
     ornt = nib.orientations.io_orientation(volume.affine)
     if np.isnan(ornt).any():
         raise VolumeError(f"{volume.name} has a degenerate voxel-to-world transform; its header is broken.")
@@ -165,6 +166,13 @@ def _orient(volume: Volume, orientation: str) -> tuple[np.ndarray, tuple[float, 
         axis = int(np.flatnonzero(ornt[:, 0] == world)[0])
         sources.append(axis)
         flips.append(int(ornt[axis, 1]) != direction)
+    return sources, flips
+
+
+def _orient(volume: Volume, orientation: str) -> tuple[np.ndarray, tuple[float, ...], str]:
+    """Array view in model axes (D, H, W), spacing along them, and a sentence on what was done."""
+    sources, flips = model_axes(volume, orientation)
+    ornt = nib.orientations.io_orientation(volume.affine)
     view = np.transpose(volume.array, sources)
     view = np.flip(view, [d for d in range(3) if flips[d]]) if any(flips) else view
     spacing = tuple(volume.spacing[a] for a in sources)
@@ -326,14 +334,20 @@ def _resampled_size(size, spacing, target) -> tuple[int, ...]:
     return tuple(max(1, round(n * s / t)) for n, s, t in zip(size, spacing, target))
 
 
-def _crop_pad(image: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Centre crop or zero-pad the last three axes to ``shape``."""
-    crops = tuple(slice(max(0, (n - m) // 2), max(0, (n - m) // 2) + min(n, m))
-                  for n, m in zip(image.shape[-3:], shape))
+def _crop_pad(image: torch.Tensor, shape: tuple[int, ...], backwards: tuple[int, ...] = ()) -> torch.Tensor:
+    """Centre crop or zero-pad the last three axes to ``shape``. An odd difference leaves the extra
+    voxel at the end of the model's axis, so along the ``backwards`` axes (flipped later) at the start:
+    the result does not depend on how the volume was stored."""
+    def before(excess: int, axis: int) -> int:
+        return excess - excess // 2 if axis in backwards else excess // 2
+
+    crops = tuple(slice(before(n - m, a), before(n - m, a) + m) if n > m else slice(0, n)
+                  for a, (n, m) in enumerate(zip(image.shape[-3:], shape)))
     image = image[(..., *crops)]
     pads = []
-    for n, m in zip(reversed(image.shape[-3:]), reversed(shape)):  # F.pad lists the last axis first
-        pads += [(m - n) // 2, m - n - (m - n) // 2]
+    for a in reversed(range(3)):  # F.pad lists the last axis first
+        excess = shape[a] - image.shape[-3 + a]
+        pads += [before(excess, a), excess - before(excess, a)]
     return F.pad(image, pads) if any(pads) else image
 
 
@@ -359,7 +373,9 @@ def _to_model_grid(plan: _Plan, config: PreprocessConfig) -> torch.Tensor:
         image = image.sub(low) if _shares_memory(image, plan.voxels) else image.sub_(low)
         image.div_(high - low)
     image.clamp_(0.0, 1.0)  # interpolation rounding may step a hair outside
-    return _crop_pad(image, target) if config.resize_mode == "crop_pad" else image
+    if config.resize_mode == "trilinear":
+        return image
+    return _crop_pad(image, target, tuple(n for n in range(3) if plan.order[n] in plan.flips))
 
 
 def preprocess(volume: Volume, config: PreprocessConfig = MED3DVLM,
