@@ -31,7 +31,7 @@ class IndexedData(Dataset):
 
 def worker(out_dir: Path) -> None:
     from med3dvlm.train import TrainConfig, seed_everything, train
-    from med3dvlm.train.distributed import cleanup, get_rank, get_world_size
+    from med3dvlm.distributed import cleanup, get_rank, get_world_size
 
     seed_everything(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))

@@ -9,14 +9,12 @@ import torch.nn.functional as F
 
 from med3dvlm.data.medmom import PHANTOM_LABELS, read_medmom, write_phantom_medmom
 from med3dvlm.data.phantoms import make_mr_study
-from med3dvlm.detection import STUDY_KEY, Detector, as_study, detector_preprocess
+from med3dvlm.detection import STUDY_KEY, Detector, as_study, detector_preprocess, score_studies
 from med3dvlm.errors import Med3DVLMError, ModelError, VolumeError
 from med3dvlm.models.medmap import MedMAPConfig, MedMAPModel
 from med3dvlm.models.text import TextConfig
 from med3dvlm.tokenizer import train_tokenizer
-from med3dvlm.train.medmap import (
-    TEXT_PARAMS, build_model, choose_thresholds, finetune, phantom_samples, pretrain, score_studies,
-)
+from med3dvlm.train.medmap import TEXT_PARAMS, build_model, choose_thresholds, finetune, phantom_samples, pretrain
 from med3dvlm.train.config import TrainConfig
 from med3dvlm.volume import Volume
 

@@ -90,7 +90,7 @@ def test_evaluate_detection_prints_per_label_figures_that_match_detect(trained, 
 def test_training_labels_follow_the_model_order_not_the_column_order(data):
     from med3dvlm.data.phantoms import make_mr_study
     from med3dvlm.detection import detector_preprocess
-    from med3dvlm.train.medmap import medmom_samples
+    from med3dvlm.data.medmom_samples import medmom_samples
 
     studies = read_medmom(data, "train")[:4]
     order = LABELS[::-1]

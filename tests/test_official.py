@@ -9,7 +9,9 @@ and compute exactly what the same weights compute in a model built directly.
 import json
 import math
 import shutil
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,11 +19,12 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, Phi3Config, PreTrainedTokenizerFast, Qwen2Config
 
+import med3dvlm
 import med3dvlm.checkpoints
-from med3dvlm.checkpoints import load_bundle
 from med3dvlm.convert import convert
 from med3dvlm.errors import ModelError
 from med3dvlm.inspect_model import describe_model, format_description
+from med3dvlm.loading import load_bundle
 from med3dvlm.models.dcformer import DCFormerConfig
 from med3dvlm.models.m3d_lamed import M3DLaMed, M3DLaMedConfig, PoolingProjector, PoolingProjectorConfig, ViT3DConfig
 from med3dvlm.models.projector import ProjectorConfig
@@ -187,6 +190,43 @@ def test_med3dvlm_release_loads_and_computes_exactly(qwen_release):
     ids = loaded_tokenizer(vqa_prompt(8, "Is there a cyst?"), return_tensors="pt")["input_ids"]
     image = model.encode_images(pixels)
     assert torch.equal(model.build_inputs_embeds(ids, image), official_embeds(model, ids, image))
+
+
+def as_vocab_and_merges(folder):
+    """The folder's tokenizer in the files Qwen2's slow tokenizer saves, as the Med3DVLM release has it:
+    vocab.json, merges.txt, added_tokens.json, special_tokens_map.json, the added tokens in
+    tokenizer_config.json, and no tokenizer.json."""
+    fast = json.loads((folder / "tokenizer.json").read_text())
+    (folder / "vocab.json").write_text(json.dumps(fast["model"]["vocab"]))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in fast["model"]["merges"]))
+    added = {t["content"]: t["id"] for t in fast["added_tokens"] if t["content"] not in fast["model"]["vocab"]}
+    (folder / "added_tokens.json").write_text(json.dumps(added))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"] = {str(t.pop("id")): t for t in fast["added_tokens"]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "additional_special_tokens": ["<im_patch>"]}))
+    (folder / "tokenizer.json").unlink()
+    return folder
+
+
+def test_med3dvlm_release_with_vocab_and_merges_only_gives_the_same_ids_and_text(qwen_release, tmp_path):
+    folder = qwen_release[0]
+    slow = as_vocab_and_merges(shutil.copytree(folder, tmp_path / "release"))
+    assert {"vocab.json", "merges.txt"} <= {p.name for p in slow.iterdir()} and not (slow / "tokenizer.json").exists()
+    fast_pipe, slow_pipe = (med3dvlm.load(f, device="cpu", dtype="float32") for f in (folder, slow))
+    for prompt in (report_prompt(8), vqa_prompt(8, "Is there a cyst in the left kidney? 12 mm, (left)")):
+        assert slow_pipe.tokenizer(prompt)["input_ids"] == fast_pipe.tokenizer(prompt)["input_ids"]
+    every_id = list(range(len(fast_pipe.tokenizer)))  # special tokens (<s>, </s>...) are left out of answers alike
+    assert slow_pipe.tokenizer.decode(every_id, skip_special_tokens=True) == \
+        fast_pipe.tokenizer.decode(every_id, skip_special_tokens=True)
+    volume = (np.random.default_rng(0).random((20, 36, 36)).astype(np.float32), np.eye(4))
+    answers = []
+    for pipe in (fast_pipe, slow_pipe):
+        pipe.preprocess_config = replace(pipe.preprocess_config, shape=QWEN_INPUT)  # the tiny encoder's input
+        answers.append((pipe.report(volume, max_new_tokens=12), pipe.ask(volume, "Is the liver normal?",
+                                                                            max_new_tokens=12)))
+    assert answers[0][0] and answers[0][1] and answers[1] == answers[0]  # greedy: the same words
 
 
 @pytest.mark.parametrize("mode", ["8bit", "4bit"])

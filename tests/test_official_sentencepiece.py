@@ -213,5 +213,6 @@ def test_sentencepiece_release_needs_its_readers(sp_model, tmp_path, monkeypatch
     with pytest.raises(ModelError, match=r"SentencePiece model \(tokenizer.model\).*pip install sentencepiece protobuf\."):
         tokenizer_module.load_release_tokenizer(tmp_path)
     (tmp_path / "tokenizer.model").unlink()
-    with pytest.raises(ModelError, match="no tokenizer \\(tokenizer.json or tokenizer.model\\).*incomplete"):
+    no_files = r"no tokenizer \(tokenizer.json, vocab.json \+ merges.txt, or tokenizer.model\).*incomplete"
+    with pytest.raises(ModelError, match=no_files):
         tokenizer_module.load_release_tokenizer(tmp_path)

@@ -202,6 +202,25 @@ def test_unusable_volumes_and_broken_uploads_are_refused(server):
     assert run(sent) == volume_digest(volume)
 
 
+def test_absurd_volume_headers_are_refused_with_a_sentence(server):
+    process = server()
+    client = med3dvlm.connect(process.url)
+    header = wire_header(small_volume())
+    absurd = [  # sizes whose voxel count wraps to 0 in int64 (2**84, 2**64), and numbers beyond any float
+        ({"shape": [2**40, 2**40, 16]}, 400, "side of more than"),
+        ({"shape": [2**22, 2**21, 2**21]}, 413, "larger than this server"),
+        ({"shape": [float("inf"), 16, 16]}, 400, "not valid JSON with shape"),
+        ({"affine": [[10**400] * 4] * 4}, 400, "not valid JSON with shape"),
+    ]
+    for change, status, reason in absurd:
+        response = run(exchange(client.server, "PUT", f"/volumes/{'0' * 32}", body=[b""],
+                                headers=[(VOLUME_HEADER, header_text({**header, **change}))]))
+        assert (response.status, reason in response.detail()) == (status, True), response.detail()
+        assert response.detail().endswith(".") and "\n" not in response.detail()
+    assert "Traceback" not in process.log_text()
+    assert client.ask(small_volume(), "Still there?").startswith("Answer")
+
+
 def test_server_side_paths_only_inside_the_allowed_folder(server, tmp_path):
     client = med3dvlm.connect(server().url)
     with pytest.raises(ServerError, match="reads no files") as refused:

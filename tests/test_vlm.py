@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Qwen2Config, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from med3dvlm.checkpoints import load_bundle, save_bundle
+from med3dvlm.loading import load_bundle, save_bundle
 from med3dvlm.errors import ModelError
 from med3dvlm.models.dcformer import DCFormerConfig
 from med3dvlm.models.projector import ProjectorConfig

@@ -8,12 +8,12 @@
 Heavy modules (torch, transformers) load on first use of ``load``.
 """
 
+from ._version import __version__
 from .cancel import CancelToken
 from .errors import Med3DVLMError, ModelError, RegionError, VolumeError
 from .volume import Volume
 
-__version__ = "0.1.0"
-__all__ = ["CancelToken", "Med3DVLMError", "ModelError", "RegionError", "Volume", "VolumeError",
+__all__ = ["__version__", "CancelToken", "Med3DVLMError", "ModelError", "RegionError", "Volume", "VolumeError",
            "connect", "load", "read_volume"]
 
 

@@ -4,6 +4,9 @@ Loading is meant for modules built on the meta device: tensors are read from the
 to the target device and *assigned* as the module's parameters, so a 7B model never exists twice
 in memory (once randomly initialised, once loaded). Shapes are checked against the file's header
 before any tensor data is read.
+
+The models use this module for their own ``save_pretrained`` / ``from_pretrained``; whole model
+folders (bundles, retrieval towers, what a pipeline loads) are ``loading.py``'s.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import math
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -21,11 +24,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import ModelError
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerFast
-
-    from .models.vlm import Med3DVLM
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -170,69 +168,3 @@ def meta_tensors(module: nn.Module) -> list[str]:
     """Names of parameters and buffers still on the meta device (i.e. never loaded)."""
     named: Iterable[tuple[str, torch.Tensor]] = [*module.named_parameters(), *module.named_buffers()]
     return [name for name, tensor in named if tensor.is_meta]
-
-
-def save_bundle(folder: str | Path, model: Med3DVLM, tokenizer: PreTrainedTokenizerFast) -> None:
-    """Saves a model and its tokenizer into one folder, the layout ``load_bundle`` reads."""
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(str(folder))
-
-
-def load_bundle(
-    folder: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-    quantization: str | None = None,
-) -> tuple[Med3DVLM, PreTrainedTokenizerFast]:
-    """The model and tokenizer saved by ``save_bundle``, checked against each other; ``quantization``
-    as in ``Med3DVLM.from_pretrained``."""
-    # Imported here because the model module itself uses this module's weight I/O.
-    from .models.vlm import Med3DVLM
-    from .tokenizer import image_token_id, load_tokenizer
-
-    model = Med3DVLM.from_pretrained(folder, device=device, dtype=dtype, quantization=quantization)
-    tokenizer = load_tokenizer(folder)
-    vocab = model.config.text_config.vocab_size
-    if len(tokenizer) > vocab or image_token_id(tokenizer) != model.config.image_token_id:
-        raise ModelError(
-            f"The tokenizer in {folder} does not belong to its model: {len(tokenizer)} tokens for a "
-            f"vocabulary of {vocab}, <im_patch> id {image_token_id(tokenizer)} vs "
-            f"{model.config.image_token_id} in config.json."
-        )
-    return model, tokenizer
-
-
-SIGLIP_FOLDER = "siglip"  # a bundle's retrieval towers live in this subfolder
-SIGLIP_TYPE = "med3dvlm-siglip"
-
-
-def save_siglip(folder: str | Path, model: nn.Module, max_text_length: int) -> None:
-    """Writes a SigLIP model (towers, projections, t', b) with the config that rebuilds it."""
-    from dataclasses import asdict
-
-    write_config(folder, {"model_type": SIGLIP_TYPE, "vision": asdict(model.vision_config),
-                          "text": asdict(model.text_config), "embed_dim": model.embed_dim,
-                          "max_text_length": max_text_length})
-    save_weights(model, Path(folder) / WEIGHTS_NAME)
-
-
-def load_siglip(folder: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-    """The SigLIP model saved by ``save_siglip``; ``max_text_length`` is set on it."""
-    from .models.dcformer import DCFormerConfig
-    from .models.siglip import SigLIPModel
-    from .models.text import TextConfig
-
-    config = read_config(folder)
-    if config.get("model_type") != SIGLIP_TYPE:
-        raise ModelError(f"The config.json in {folder} describes {config.get('model_type')!r}, not a "
-                         f"{SIGLIP_TYPE} retrieval model.")
-    try:
-        vision, text = DCFormerConfig(**config["vision"]), TextConfig(**config["text"])
-        embed_dim, max_text_length = int(config["embed_dim"]), int(config["max_text_length"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise ModelError(f"The config.json in {folder} lacks or misnames a field ({error}).") from error
-    # Built for real, not on the meta device: the text tower keeps non-persistent buffers
-    # (position ids) that are not in the file. Retrieval towers are small next to the LM.
-    model = SigLIPModel(vision, text, embed_dim=embed_dim)
-    load_weights(model, Path(folder) / WEIGHTS_NAME, device=device, dtype=dtype)
-    model.to(device or "cpu")
-    model.max_text_length = max_text_length
-    return model.eval()

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 from .errors import Med3DVLMError
+from .eval.detection_cli import add_detection_eval_parser
+from .train.commands import add_train_parser
 
 PROBE_FIT_N = 300  # phantoms the evaluation's image-token probe is fitted on
 
@@ -159,7 +161,7 @@ def cmd_report(args) -> None:
 def _report_to_folder(args, volumes, settings: dict) -> None:
     """One file per volume; under torchrun each rank takes its share (see batch.py)."""
     from .batch import report_shard, write_summary
-    from .train.distributed import barrier, cleanup, init_distributed
+    from .distributed import barrier, cleanup, init_distributed
 
     info = init_distributed(None if args.device == "auto" else args.device)
     if info.world_size > 1 and args.device == "auto":
@@ -331,7 +333,7 @@ def _evaluate_m3d(args) -> None:
     """The paper's M3D tasks on M3D-Cap / M3D-VQA files; resumable, see eval/m3d_bench.py."""
     from .eval.m3d_bench import BenchmarkConfig, M3DBenchmark
     from .eval.m3d_summary import format_table, summarize, write_summary
-    from .train.distributed import cleanup, init_distributed
+    from .distributed import cleanup, init_distributed
 
     if not args.root or not args.out:
         raise Med3DVLMError("evaluate m3d needs --root (the data root of M3D_Cap_npy/ and M3D-VQA/) and --out.")
@@ -400,15 +402,14 @@ def _model_folder(model: str) -> Path:
     return demo_model_dir() if model == "demo" else Path(model)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="med3dvlm", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _info_parser(sub) -> None:
     p = sub.add_parser("info", help="describe volumes and what preprocessing would do")
     p.add_argument("volumes", nargs="+")
     p.add_argument("--preset", default="med3dvlm", help="preprocessing preset (default: med3dvlm)")
     p.set_defaults(func=cmd_info)
 
+
+def _phantoms_parser(sub) -> None:
     p = sub.add_parser("phantoms", help="write a synthetic dataset in the M3D layouts")
     p.add_argument("outdir")
     p.add_argument("-n", type=int, default=100)
@@ -416,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", choices=["CT", "MR"], default="CT")
     p.set_defaults(func=cmd_phantoms)
 
+
+def _report_parser(sub) -> None:
     p = sub.add_parser("report", help="generate a report for each volume")
     p.add_argument("volumes", nargs="+", help="volume files, folders of them, or DICOM series folders")
     p.add_argument("--format", choices=["text", "json"], default="text")
@@ -427,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_framing_args(p)
     p.set_defaults(func=cmd_report)
 
+
+def _ask_parser(sub) -> None:
     p = sub.add_parser("ask", help="answer one question about a volume")
     p.add_argument("volume")
     p.add_argument("question")
@@ -437,12 +442,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_framing_args(p)
     p.set_defaults(func=cmd_ask)
 
+
+def _chat_parser(sub) -> None:
     p = sub.add_parser("chat", help="interactive, streaming chat about a volume")
     p.add_argument("volume")
     _add_model_args(p)
     _add_generation_args(p)
     p.set_defaults(func=cmd_chat)
 
+
+def _detect_parser(sub) -> None:
     p = sub.add_parser("detect", help="MRI abnormality scores (MedMAP) for a volume or a multi-sequence study")
     p.add_argument("volumes", nargs="+", help="MRI volumes of one study (one per sequence)")
     p.add_argument("--sequence", dest="sequences", action="append", default=[],
@@ -452,12 +461,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_framing_args(p, window=False)
     p.set_defaults(func=cmd_detect)
 
+
+def _retrieve_parser(sub) -> None:
     p = sub.add_parser("retrieve", help="rank texts (strings or text files) for a volume")
     p.add_argument("volume")
     p.add_argument("texts", nargs="+")
     _add_model_args(p)
     p.set_defaults(func=cmd_retrieve)
 
+
+def _explain_parser(sub) -> None:
     p = sub.add_parser("explain", help="evidence map: where in the volume an answer (or the report) came from")
     p.add_argument("volume")
     p.add_argument("question", nargs="?", help="the question whose answer to explain (default: the report)")
@@ -473,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_framing_args(p)
     p.set_defaults(func=cmd_explain)
 
+
+def _view_parser(sub) -> None:
     p = sub.add_parser("view", help="write what the model is shown (its input, placed over the scan)")
     p.add_argument("volume")
     p.add_argument("--output", required=True, help="the model's input as a volume (.nii.gz, .nii or .nrrd)")
@@ -481,6 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_framing_args(p)
     p.set_defaults(func=cmd_view)
 
+
+def _evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="phantoms: findings, closed VQA, R@K; m3d: the paper's M3D benchmark")
     p.add_argument("benchmark", nargs="?", choices=["phantoms", "m3d"], default="phantoms",
                    help="phantoms (default): phantom ground truth; m3d: retrieval, reports, open/closed VQA on "
@@ -495,7 +512,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"phantoms: seed of {PROBE_FIT_N} other phantoms the image-token probe is fitted on "
                         "(default: 777; 0 skips the probe)")
     p.add_argument("--json", help="phantoms: also write the results to this JSON file")
-    m3d = p.add_argument_group("m3d benchmark")
+    _add_m3d_benchmark_args(p.add_argument_group("m3d benchmark"))
+    _add_model_args(p, remote=False)  # evaluation reads the model's towers directly
+    _add_generation_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+
+def _add_m3d_benchmark_args(m3d) -> None:
     m3d.add_argument("--root", help="data root that the files' relative paths start from")
     m3d.add_argument("--out", help="folder for per-sample JSONL and summary.json; a rerun resumes there")
     m3d.add_argument("--cap", help="M3D-Cap json (default: ROOT/M3D_Cap_npy/M3D_Cap.json)")
@@ -511,10 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     m3d.add_argument("--bertscore-layers", type=int, default=None,
                      help="its layer (default: bert-score's for the folder's name, e.g. roberta-large 17)")
     m3d.add_argument("--wordnet", help="WordNet 3.0 dict folder for METEOR (default: searched, e.g. /usr/share/wordnet)")
-    _add_model_args(p, remote=False)  # evaluation reads the model's towers directly
-    _add_generation_args(p)
-    p.set_defaults(func=cmd_evaluate)
 
+
+def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve a model over HTTP to the Slicer module and med3dvlm.connect")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only; any other needs a token)")
@@ -530,12 +552,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, remote=False)
     p.set_defaults(func=cmd_serve)
 
+
+def _inspect_parser(sub) -> None:
     p = sub.add_parser("inspect", help="what a model folder is, its size, and the memory it needs")
     p.add_argument("model", help="'demo' or a model folder (ours or an official release)")
     p.add_argument("--json", action="store_true", help="print the details as JSON")
     _add_pickle_arg(p)
     p.set_defaults(func=cmd_inspect)
 
+
+def _convert_parser(sub) -> None:
     p = sub.add_parser("convert", help="write an official release folder in this package's own format")
     p.add_argument("source", help="official Med3DVLM folder")
     p.add_argument("out", help="output folder")
@@ -543,12 +569,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pickle_arg(p)
     p.set_defaults(func=cmd_convert)
 
-    from .train.commands import add_train_parser
 
-    add_train_parser(sub)
-    from .eval.detection_cli import add_detection_eval_parser
-
-    add_detection_eval_parser(sub)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="med3dvlm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_info_parser, _phantoms_parser, _report_parser, _ask_parser, _chat_parser, _detect_parser,
+                _retrieve_parser, _explain_parser, _view_parser, _evaluate_parser, _serve_parser, _inspect_parser,
+                _convert_parser,
+                add_train_parser, add_detection_eval_parser):
+        add(sub)
     return parser
 
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import CONFIG_NAME, save_bundle
+from .checkpoints import CONFIG_NAME
 from .errors import ModelError
+from .loading import save_bundle
 from .official import KIND_MED3DVLM, folder_kind, load_official
 
 

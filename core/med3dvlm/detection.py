@@ -14,10 +14,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
+
+import numpy as np
 import torch
 
 from .attribution import frozen
 from .checkpoints import WEIGHTS_NAME, load_weights, read_config, save_weights, write_config
+from .data.medmom_samples import StudySample, collate_studies
 from .detection_result import DetectionResult, LabelScore
 from .errors import ModelError, VolumeError
 from .evidence import Evidence, evidence_maps
@@ -26,6 +29,7 @@ from .model_input import prepare_input
 from .models.medmap import MedMAPConfig, MedMAPModel
 from .preprocess import PreprocessConfig
 from .region import Region
+from .tokenizer import load_tokenizer
 from .volume import Volume
 
 MODEL_TYPE = "medmap-detector"
@@ -73,6 +77,28 @@ def as_study(volume_or_study: StudyLike, sequences: Sequence[str]) -> dict[str, 
                               "pass one volume per sequence.")
         study[sequence] = volume
     return study
+
+
+def subsets_of(sequences: Sequence[str]) -> dict[str, tuple[str, ...] | None]:
+    """The full study (each study's own sequences) and every sequence alone."""
+    return {STUDY_KEY: None, **{s: (s,) for s in sequences}}
+
+
+@torch.inference_mode()
+def score_studies(model: MedMAPModel, samples: Sequence[StudySample], sequences: Sequence[str] | None = None,
+                  zero_shot: bool = False, batch_size: int = 8) -> np.ndarray:
+    """(n, L) probabilities from the given sequences of every study (all of its own when None)."""
+    model.eval()
+    device = model.bias.device
+    rows = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        batch = collate_studies([(torch.stack([s.pixels[n].float() for n in sequences or s.pixels]),
+                                  model.sequence_ids(list(sequences or s.pixels)).cpu(), s.labels, None) for s in chunk])
+        logits = model(batch["images"].to(device), batch["sequence_ids"].to(device), batch["mask"].to(device),
+                       zero_shot)["logits"]
+        rows.append(logits.sigmoid().float().cpu().numpy())
+    return np.concatenate(rows)
 
 
 class Detector:
@@ -162,8 +188,6 @@ class Detector:
 
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device | None = None) -> Detector:
-        from .tokenizer import load_tokenizer
-
         config = read_config(folder)
         if config.get("model_type") != MODEL_TYPE:
             raise ModelError(f"The config.json in {folder} describes {config.get('model_type')!r}, not a "

@@ -236,7 +236,7 @@ class Release:
 def load_official_tokenizer(release: Release):
     """The folder's own tokenizer (local files only, no remote code), checked for ``<im_patch>``."""
     folder = release.folder
-    tokenizer = load_release_tokenizer(folder, release.text_config)  # tokenizer.json, or tokenizer.model alone
+    tokenizer = load_release_tokenizer(folder, release.text_config)  # tokenizer.json, vocab+merges or tokenizer.model
     if len(tokenizer.encode(IMAGE_TOKEN, add_special_tokens=False)) != 1:
         raise ModelError(f"The tokenizer in {folder} has no single {IMAGE_TOKEN} token; it is not the "
                          "tokenizer of a Med3DVLM or M3D-LaMed release.")

@@ -17,7 +17,6 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,9 +24,9 @@ import torch
 from . import prompts
 from .answerer import TokenCallback
 from .cancel import CancelToken
-from .checkpoints import SIGLIP_FOLDER, load_bundle, load_siglip
 from .detection import DetectionResult, Detector
-from .official import is_official_folder, load_official, stop_token_ids
+from .loading import DETECTOR_FOLDER, load_model
+from .official import stop_token_ids
 from .quantization import quantization_of
 from .errors import Med3DVLMError, ModelError
 from .generation import ANSWER_SETTINGS, REPORT_SETTINGS, CallbackStreamer, GenerationSettings, stopping_criteria
@@ -35,15 +34,13 @@ from .evidence import Evidence, explain_answer
 from .model_input import framing_key, input_record, prepare_input
 from .model_view import ModelView, model_view
 from .preprocess import PRESETS, PreprocessConfig
-from .provenance import record, weights_digest
+from .provenance import record
 from .readers import as_volume
 from .region import Region
-from .resources import demo_detector_dir, demo_model_dir
 from .volume import Volume
 from .volume_cache import Recent, known_volumes
 
 
-DETECTOR_FOLDER = "medmap"  # a model folder's MRI abnormality detector, if it has one
 VolumeLike = Volume | str | os.PathLike | tuple[np.ndarray, np.ndarray]
 Window = tuple[float, float]  # (centre, width) of a CT window, in place of the preset's
 GENERATION_DEFAULTS = {"report": REPORT_SETTINGS, "ask": ANSWER_SETTINGS}
@@ -53,59 +50,14 @@ class ContextWarning(UserWarning):
     """Earlier chat turns were dropped so that the prompt fits the model's context."""
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype != "auto":
-        try:
-            return {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-                    "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[dtype]
-        except KeyError:
-            raise Med3DVLMError(f"Unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16.") from None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float16 if device.type == "mps" else torch.float32
-
-
 def load(model: str | os.PathLike = "demo", device: str = "auto", dtype: str | torch.dtype = "auto",
          quantization: str | None = None, cache_size: int = 8, allow_pickle: bool = False) -> "Pipeline":
-    """Load a model folder (or the bundled ``"demo"`` model) into a ready-to-use pipeline.
-
-    Our own bundles and the official Med3DVLM / M3D-LaMed release folders are recognised by their
-    config; ``allow_pickle`` permits official ``.bin`` weights (read with ``weights_only=True``).
-    ``quantization='4bit'`` (NF4) or ``'8bit'`` (LLM.int8) stores the language model's decoder
-    layers with bitsandbytes (``pip install 'med3dvlm[quant]'``); the rest keeps ``dtype``.
-    """
-    folder = demo_model_dir() if str(model) == "demo" else Path(model).expanduser()
-    if not folder.is_dir():
-        raise ModelError(f"Model folder {folder} does not exist; pass 'demo' or a folder holding "
-                         "config.json and *.safetensors.")
-    torch_device = pick_device(device)
-    torch_dtype = pick_dtype(dtype, torch_device)
+    """Load a model folder (or the bundled ``"demo"`` model) into a ready-to-use pipeline; the other
+    arguments are those of :func:`med3dvlm.loading.load_model`."""
     with _friendly_oom("loading the model"):
-        if is_official_folder(folder):
-            vlm, tokenizer = load_official(folder, device=torch_device, dtype=torch_dtype, allow_pickle=allow_pickle,
-                                           quantization=quantization)
-        else:
-            vlm, tokenizer = load_bundle(folder, device=torch_device, dtype=torch_dtype, quantization=quantization)
-        siglip = folder / SIGLIP_FOLDER
-        retrieval = load_siglip(siglip, device=torch_device, dtype=torch_dtype) if siglip.is_dir() else None
-    name = "demo" if str(model) == "demo" else folder.name
-    detector_dir = demo_detector_dir() if str(model) == "demo" else folder / DETECTOR_FOLDER
-    detector = Detector.load(detector_dir, device=torch_device) if detector_dir.is_dir() else None
-    weights = weights_digest(folder, *([detector_dir] if detector is not None and str(model) == "demo" else []))
-    return Pipeline(vlm, tokenizer, retrieval=retrieval, detector=detector, name=name, cache_size=cache_size,
-                    weights=weights)
+        loaded = load_model(model, device, dtype, quantization=quantization, allow_pickle=allow_pickle)
+    return Pipeline(loaded.model, loaded.tokenizer, retrieval=loaded.retrieval, detector=loaded.detector,
+                    name=loaded.name, cache_size=cache_size, weights=loaded.weights)
 
 
 class _friendly_oom:

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 CHUNK = 1 << 22

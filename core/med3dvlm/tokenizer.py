@@ -22,6 +22,7 @@ from .prompts import IMAGE_TOKEN
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 FAST_FILE, SENTENCEPIECE_FILE = "tokenizer.json", "tokenizer.model"
+BPE_FILES = ("vocab.json", "merges.txt")  # what a slow byte-level BPE tokenizer (Qwen2's) saves
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000) -> PreTrainedTokenizerFast:
@@ -76,17 +77,18 @@ def image_token_id(tokenizer: PreTrainedTokenizerFast) -> int:
 def load_release_tokenizer(folder: str | Path, config=None):
     """A released model's own tokenizer: local files only, no remote code.
 
-    M3D-LaMed releases ship only the SentencePiece file (``tokenizer.model``, saved by the official
-    slow tokenizer). transformers 5 turns it into a fast tokenizer that gives the same ids as the
-    slow one did; that needs sentencepiece and protobuf. ``config`` (the language model's config)
-    spares transformers from parsing the release's custom config.json.
+    ``tokenizer.json`` is optional: the Med3DVLM (Qwen2) release ships the byte-level BPE files its
+    slow tokenizer saved (``vocab.json`` + ``merges.txt``), M3D-LaMed releases only the SentencePiece
+    file (``tokenizer.model``). transformers 5 turns either into a fast tokenizer that gives the same
+    ids as the slow one did; SentencePiece needs sentencepiece and protobuf. ``config`` (the language
+    model's config) spares transformers from parsing the release's custom config.json.
     """
     folder = Path(folder)
     options = {}
-    if not (folder / FAST_FILE).is_file():
-        if not (folder / SENTENCEPIECE_FILE).is_file():
-            raise ModelError(f"The model folder {folder} has no tokenizer ({FAST_FILE} or {SENTENCEPIECE_FILE}); "
-                             "the download is incomplete.")
+    if not _has(folder, FAST_FILE) and not _has(folder, *BPE_FILES):
+        if not _has(folder, SENTENCEPIECE_FILE):
+            raise ModelError(f"The model folder {folder} has no tokenizer ({FAST_FILE}, {' + '.join(BPE_FILES)}, or "
+                             f"{SENTENCEPIECE_FILE}); the download is incomplete.")
         missing = [name for name in ("sentencepiece", "google.protobuf") if not _importable(name)]
         if missing:
             raise ModelError(f"The tokenizer in {folder} is a SentencePiece model ({SENTENCEPIECE_FILE}); reading it "
@@ -97,8 +99,9 @@ def load_release_tokenizer(folder: str | Path, config=None):
         tokenizer = AutoTokenizer.from_pretrained(str(folder), config=config, local_files_only=True,
                                                   trust_remote_code=False, **options)
     except Exception as error:  # damaged or missing files surface as many exception types
-        raise ModelError(f"The tokenizer in {folder} cannot be loaded ({error}); its files ({FAST_FILE} or "
-                         f"{SENTENCEPIECE_FILE}, tokenizer_config.json) may be incomplete or corrupted.") from error
+        raise ModelError(f"The tokenizer in {folder} cannot be loaded ({error}); its files ({FAST_FILE}, "
+                         f"{' + '.join(BPE_FILES)} or {SENTENCEPIECE_FILE}, tokenizer_config.json) may be incomplete "
+                         "or corrupted.") from error
     if options.get("legacy"):
         _as_legacy_slow(tokenizer)
     return tokenizer
@@ -112,6 +115,10 @@ def _as_legacy_slow(tokenizer) -> None:
     if backend is not None and type(backend.pre_tokenizer) is pre_tokenizers.Metaspace:
         backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
         backend.pre_tokenizer = None
+
+
+def _has(folder: Path, *names: str) -> bool:
+    return all((folder / name).is_file() for name in names)
 
 
 def _importable(module: str) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -29,6 +30,7 @@ DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "flo
 CHUNK = 1 << 20  # bytes hashed or deflated per step: ~1 ms, so a UI can interleave its own work
 DIGEST_LENGTH = 32  # hex characters (BLAKE2b, 16 bytes)
 FINAL_EVENTS = ("done", "error")  # a job's last event
+MAX_SIDE = 2**31 - 1  # VTK image extents are int: no Slicer volume is longer along any axis
 
 
 def is_loopback(host: str) -> bool:
@@ -95,11 +97,14 @@ def parse_header(text: str | None) -> dict[str, Any]:
         affine = np.asarray(header["affine"], dtype=np.float64)
         parsed = {"shape": shape, "dtype": str(header["dtype"]), "fortran_order": bool(header["fortran_order"]),
                   "affine": affine.tolist(), "modality": str(header["modality"]), "sequence": header["sequence"]}
-    except (ValueError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError, OverflowError) as error:  # Overflow: infinite or huge numbers
         raise ValueError(f"The volume header is not valid JSON with shape, dtype, fortran_order, affine, "
                          f"modality and sequence ({error}).") from None
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"The volume header's shape {shape} is not that of a 3D volume.")
+    if max(shape) > MAX_SIDE:
+        raise ValueError(f"The volume header's shape {shape} has a side of more than {MAX_SIDE} voxels; "
+                         "no scanner makes such a volume.")
     if parsed["dtype"] not in DTYPES:
         raise ValueError(f"Voxel type {parsed['dtype']!r} is not accepted; send one of {', '.join(DTYPES)}.")
     if affine.shape != (4, 4):
@@ -110,7 +115,8 @@ def parse_header(text: str | None) -> dict[str, Any]:
 
 
 def voxel_bytes(header: dict[str, Any]) -> int:
-    return int(np.prod(header["shape"], dtype=np.int64)) * np.dtype(header["dtype"]).itemsize
+    """Python integers: a numpy product of a sent shape would wrap around (2**64 voxels -> 0)."""
+    return math.prod(header["shape"]) * np.dtype(header["dtype"]).itemsize
 
 
 def volume_from_bytes(header: dict[str, Any], data: bytes | bytearray) -> Volume:

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import h11
 
-from .. import __version__
+from .._version import __version__
 from ..errors import Med3DVLMError
 from ..wire import is_loopback
 

@@ -53,6 +53,17 @@ class Finding:
                 "location": self.location, "center_mm": [round(v, 1) for v in self.center_mm]}
 
 
+def present(pairs):
+    """Multi-hot torch tensor over ``PAIRS`` of the (organ, kind) pairs given: the label vector of the
+    demo models."""
+    import torch  # on demand: writing phantoms and datasets needs no torch
+
+    out = torch.zeros(len(PAIRS))
+    for pair in pairs:
+        out[PAIRS.index(tuple(pair))] = 1
+    return out
+
+
 def place_findings(anat: A.Anatomy, rng: np.random.Generator,
                    n: int | None = None) -> tuple[list[Finding], np.ndarray]:
     """Choose and draw ``n`` findings (random 0-2 if None) with distinct (organ, kind) pairs.

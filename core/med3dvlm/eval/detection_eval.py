@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from ..data.medmom import label_column, read_medmom, table_sequences
-from ..detection import STUDY_KEY, Detector
+from ..data.medmom_samples import StudySample, medmom_samples, with_sequences
+from ..detection import STUDY_KEY, Detector, score_studies, subsets_of
 from ..errors import Med3DVLMError
 from ..models.medmap import MedMAPModel
-from ..train.medmap import StudySample, medmom_samples, score_studies, subsets_of, with_sequences
 from .classification import multilabel_report
 
 COLUMNS = (("positives", "pos"), ("auc", "AUC"), ("balanced_accuracy", "bal.acc"), ("f1", "F1"),

@@ -30,10 +30,10 @@ import torch
 from tqdm import tqdm
 
 from ..data.m3d import CAP_JSON, read_cap, read_vqa
+from ..distributed import barrier
 from ..errors import Med3DVLMError
 from ..generation import ANSWER_SETTINGS, REPORT_SETTINGS
 from ..prompts import format_choices
-from ..train.distributed import barrier
 from .jsonl import RecordWriter, merge_shards, read_records
 from .retrieval import recall_at_k, retrieval_ranks
 from .text_metrics import Meteor, sentence_scores

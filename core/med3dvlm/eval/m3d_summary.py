@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
+from .._version import __version__
 from .jsonl import read_records, rewrite
 from .m3d_bench import M3DBenchmark
 from .text_metrics import bert_score

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..data.lesions import PAIRS, present
 from ..data.m3d import CAP_JSON, read_cap, read_vqa
 from ..data.reports import mentioned_findings
 from .probe import probe_auc, token_features
@@ -39,9 +40,6 @@ def token_probe(pipe, fit_root: Path, fit_n: int, images: list[str], truths: dic
     """``eval.probe`` on the projector's image tokens: fitted on ``fit_root``'s first ``fit_n``
     phantoms, scored on ``images``."""
     import torch
-
-    from ..data.lesions import PAIRS
-    from ..train.dense import present
 
     fit_images = [str(c.image_path) for c in read_cap(fit_root / CAP_JSON, "train")[:fit_n]]
     fit_truths = truth_pairs(fit_root)

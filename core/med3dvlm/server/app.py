@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from .. import __version__
+from .._version import __version__
 from .config import ServerConfig, human_size
 from .endpoints import detect, generate, info, jobs, retrieve, volumes
 from .jobs import JobQueue

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..distributed import DistInfo, barrier
 from ..errors import ModelError
 from .config import TrainConfig
-from .distributed import DistInfo, barrier
 
 logger = logging.getLogger(__name__)
 

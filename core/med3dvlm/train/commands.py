@@ -18,7 +18,7 @@ import dataclasses
 import shutil
 from pathlib import Path
 
-from ..checkpoints import SIGLIP_FOLDER, load_bundle, load_siglip, save_bundle, save_siglip
+from ..loading import SIGLIP_FOLDER, load_bundle, load_siglip, save_bundle, save_siglip
 from ..data.m3d import CAP_JSON, read_cap, read_vqa
 from ..errors import Med3DVLMError
 from ..models.dcformer import DCFormerConfig

@@ -34,12 +34,13 @@ import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer, Qwen2Config
 
-from ..checkpoints import SIGLIP_FOLDER, WEIGHTS_NAME, load_siglip, save_bundle, save_siglip
+from ..checkpoints import WEIGHTS_NAME
 from ..data.lesions import PAIRS, Finding
 from ..data.m3d import CAP_JSON, CapItem, case_seed, read_cap, read_vqa, write_dataset
 from ..data.reports import write_report
 from ..errors import Med3DVLMError
 from ..eval.probe import probe_auc, token_features
+from ..loading import SIGLIP_FOLDER, load_siglip, save_bundle, save_siglip
 from ..models.dcformer import DCFormerConfig
 from ..models.findings import FindingSegmenter
 from ..models.text import TextConfig

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.anatomy import LABELS
-from ..data.lesions import ABNORMALITIES, PAIRS
+from ..data.lesions import ABNORMALITIES, PAIRS, present
 from ..data.phantoms import Phantom, make_ct_phantom
 from ..data.reports import write_report
 from ..models.dcformer import stage_tokens
@@ -48,14 +48,6 @@ FINDING_POS_WEIGHT = 20.0
 N_DENSE_OUTPUTS = N_ORGAN_CLASSES + len(ABNORMALITIES) + len(PAIRS)  # organs, kinds, organ x kind
 # kind k of ABNORMALITIES -> the PAIRS rows of that kind (the kind map is their maximum)
 _KIND_ROWS = [[i for i, (_, kind) in enumerate(PAIRS) if kind == k] for k in ABNORMALITIES]
-
-
-def present(pairs) -> Tensor:
-    """Multi-hot over ``PAIRS`` of (organ, kind) pairs."""
-    out = torch.zeros(len(PAIRS))
-    for pair in pairs:
-        out[PAIRS.index(tuple(pair))] = 1
-    return out
 
 
 def phantom_targets(phantom: Phantom, config: PreprocessConfig) -> dict[str, Tensor]:

@@ -27,14 +27,14 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..data.anatomy import LABELS
-from ..data.lesions import ABNORMALITIES, PAIRS
+from ..data.lesions import ABNORMALITIES, PAIRS, present
 from ..data.phantoms import Phantom, make_ct_phantom
 from ..eval.classification import per_class_auc
 from ..models.findings import N_KINDS, N_ORGANS, STEM_STRIDE, FindingSegmenter, coordinate_grid, pair_probabilities
 from ..preprocess import PreprocessConfig, carry, preprocess
 from .checkpoint import CHECKPOINT_DIR
 from .config import TrainConfig
-from .dense import cached_examples, present
+from .dense import cached_examples
 from .trainer import train
 
 CROP = (16, 32, 32)         # model voxels (D, H, W); the targets are (16, 16, 16)

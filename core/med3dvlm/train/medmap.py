@@ -23,7 +23,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,15 +32,14 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ..data.medmom import PHANTOM_LABELS, MedMoMStudy, label_column, phantom_mr_study
-from ..detection import STUDY_KEY, Detector, detector_preprocess
-from ..errors import Med3DVLMError
+from ..data.medmom import PHANTOM_LABELS, phantom_mr_study
+from ..data.medmom_samples import StudySample, collate_studies, stacked_targets, with_sequences
+from ..detection import Detector, detector_preprocess, score_studies, subsets_of
 from ..eval.classification import f1_score, per_class_auc, select_threshold
 from ..models.medmap import MedMAPConfig, MedMAPModel, tokenize
 from ..data.phantoms import Phantom
 from ..models.siglip import sigmoid_loss
 from ..preprocess import PreprocessConfig, preprocess
-from ..readers import read_volume
 from ..tokenizer import train_tokenizer
 from ..volume import MR_SEQUENCES
 from .config import TrainConfig
@@ -53,14 +52,6 @@ HEAD_PARAMS = ("query_proj", "key_proj", "pos_embed", "label_query", "label_bias
 TEXT_PARAMS = ("language_encoder", "mm_language_proj")
 ZERO_SHOT_PARAMS = ("mm_vision_proj", "t_prime", "bias")
 SEED_OFFSETS = {"train": 100_000, "validation": 200_000, "test": 300_000}  # disjoint phantom seeds
-
-
-@dataclass
-class StudySample:
-    pixels: dict[str, torch.Tensor]   # sequence -> (1, D, H, W) float16 in [0, 1]
-    report: str
-    labels: torch.Tensor              # (L,) float32 0/1 in the model's label order
-    targets: dict[str, torch.Tensor] | None = None  # phantoms: ``dense.phantom_targets`` on the token grid
 
 
 def _under(name: str, prefixes: Sequence[str]) -> bool:
@@ -90,36 +81,6 @@ def phantom_samples(seeds: Sequence[int], labels: Sequence[tuple[str, str]], inp
     return out
 
 
-def medmom_samples(studies: Sequence[MedMoMStudy], labels: Sequence[tuple[str, str]], config: PreprocessConfig,
-                   sequences: Sequence[str] | None = None, progress: bool = False) -> list[StudySample]:
-    """Studies of a MedMoM table (``data.medmom.read_medmom``), read and preprocessed once.
-
-    ``labels`` are the model's, in its order; ``sequences`` (default: all) are the ones kept.
-    """
-    missing = [label_column(pair) for pair in labels if pair not in studies[0].labels]
-    if missing:
-        raise Med3DVLMError(f"The MedMoM table has no label column(s) {missing}; the model scores them.")
-    out = []
-    for study in tqdm(studies, desc="reading MRI studies", disable=not progress, unit="study"):
-        kept = {seq: path for seq, path in study.volumes.items() if sequences is None or seq in sequences}
-        if not kept:
-            raise Med3DVLMError(f"Study {study.study_id} has none of the sequences {tuple(sequences)}.")
-        pixels = {seq: preprocess(read_volume(path, modality="MR", sequence=seq), config).to(torch.float16)
-                  for seq, path in kept.items()}
-        out.append(StudySample(pixels, study.report, torch.tensor([float(study.labels[pair]) for pair in labels])))
-    return out
-
-
-def subsets_of(sequences: Sequence[str]) -> dict[str, tuple[str, ...] | None]:
-    """The full study (each study's own sequences) and every sequence alone."""
-    return {STUDY_KEY: None, **{s: (s,) for s in sequences}}
-
-
-def with_sequences(samples: Sequence[StudySample], sequences: Sequence[str] | None) -> list[StudySample]:
-    """The studies that hold every one of ``sequences`` (all studies for None)."""
-    return [s for s in samples if sequences is None or all(q in s.pixels for q in sequences)]
-
-
 def build_model(config: MedMAPConfig, tokenizer) -> MedMAPModel:
     """A fresh model whose text vocabulary is the tokenizer's, with its class prompts set."""
     params = {**config.text.params, "vocab_size": len(tokenizer)}
@@ -144,10 +105,6 @@ class _PairData(Dataset):
         names = list(sample.pixels)
         name = names[int(torch.randint(len(names), ()))]
         return sample.pixels[name].float(), self.sequences.index(name), sample.report, sample.targets
-
-
-def _stacked_targets(targets) -> dict[str, torch.Tensor]:
-    return {} if targets[0] is None else {k: torch.stack([t[k] for t in targets]).float() for k in targets[0]}
 
 
 @contextmanager
@@ -175,7 +132,7 @@ def pretrain(model: MedMAPModel, samples: Sequence[StudySample], tokenizer, conf
     def collate(rows):
         images, ids, texts, targets = zip(*rows)
         return {"images": torch.stack(images), "sequence_ids": torch.tensor(ids),
-                **tokenize(tokenizer, texts, max_length), **_stacked_targets(targets)}
+                **tokenize(tokenizer, texts, max_length), **stacked_targets(targets)}
 
     def loss_fn(m: MedMAPModel, batch) -> torch.Tensor:
         ids = batch["sequence_ids"][:, None]
@@ -218,18 +175,6 @@ class _StudyData(Dataset):
         return images, torch.tensor([self.sequences.index(n) for n in names]), sample.labels, sample.targets
 
 
-def _collate_studies(rows):
-    images, ids, labels, targets = zip(*rows)
-    slots = max(len(i) for i in ids)
-    batch_images = images[0].new_zeros(len(rows), slots, *images[0].shape[1:])
-    batch_ids = torch.zeros(len(rows), slots, dtype=torch.long)
-    mask = torch.zeros(len(rows), slots, dtype=torch.bool)
-    for b, (image, sid) in enumerate(zip(images, ids)):
-        batch_images[b, :len(sid)], batch_ids[b, :len(sid)], mask[b, :len(sid)] = image, sid, True
-    return {"images": batch_images, "sequence_ids": batch_ids, "mask": mask, "labels": torch.stack(labels),
-            **_stacked_targets(targets)}
-
-
 def finetune(model: MedMAPModel, samples: Sequence[StudySample], config: TrainConfig, *, full_study_p: float = 0.25,
              augment: bool = True, pos_weight: float | None = None) -> TrainResult:
     """Multi-label BCE on the class-query logits with the text tower frozen."""
@@ -243,28 +188,11 @@ def finetune(model: MedMAPModel, samples: Sequence[StudySample], config: TrainCo
     model.freeze_text(True)
     with _organ_aware(model, samples):
         return train(model, _StudyData(samples, model.config.sequences, full_study_p, augment), config,
-                     loss_fn=loss_fn, collate_fn=_collate_studies,
+                     loss_fn=loss_fn, collate_fn=collate_studies,
                      trainable=lambda name: not _under(name, (*TEXT_PARAMS, *ZERO_SHOT_PARAMS)))
 
 
 # ---- evaluation ---------------------------------------------------------------------------
-@torch.inference_mode()
-def score_studies(model: MedMAPModel, samples: Sequence[StudySample], sequences: Sequence[str] | None = None,
-                  zero_shot: bool = False, batch_size: int = 8) -> np.ndarray:
-    """(n, L) probabilities from the given sequences of every study (all of its own when None)."""
-    model.eval()
-    device = model.bias.device
-    rows = []
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start:start + batch_size]
-        batch = _collate_studies([(torch.stack([s.pixels[n].float() for n in sequences or s.pixels]),
-                                   model.sequence_ids(list(sequences or s.pixels)).cpu(), s.labels, None) for s in chunk])
-        logits = model(batch["images"].to(device), batch["sequence_ids"].to(device), batch["mask"].to(device),
-                       zero_shot)["logits"]
-        rows.append(logits.sigmoid().float().cpu().numpy())
-    return np.concatenate(rows)
-
-
 def choose_thresholds(y: np.ndarray, p: np.ndarray) -> np.ndarray:
     """Per-label F1-optimal thresholds on validation data; 0.5 where a label has no positive there."""
     return np.array([select_threshold(y[:, c], p[:, c], "f1") if y[:, c].any() else 0.5 for c in range(y.shape[1])])

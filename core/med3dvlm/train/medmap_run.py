@@ -25,14 +25,16 @@ from typing import Any
 import torch
 
 from ..data.medmom import read_medmom, table_labels, table_sequences
-from ..detection import Detector, detector_preprocess
+from ..data.medmom_samples import medmom_samples
+from ..detection import Detector, detector_preprocess, subsets_of
+from ..distributed import barrier, cleanup, init_distributed
 from ..errors import Med3DVLMError
+from ..eval.detection_eval import subset_reports, to_json
 from ..models.medmap import MedMAPConfig
 from ..tokenizer import load_tokenizer, train_tokenizer
 from .checkpoint import CHECKPOINT_DIR
 from .config import TrainConfig
-from .distributed import barrier, cleanup, init_distributed
-from .medmap import build_model, finetune, medmom_samples, pretrain, subset_thresholds, subsets_of
+from .medmap import build_model, finetune, pretrain, subset_thresholds
 
 TOKENIZER_DIR = "tokenizer"
 STAGES = ("pretrain", "finetune")
@@ -102,8 +104,6 @@ def train_medmap(data: str | Path, out: str | Path, stages: dict[str, TrainConfi
 
 def _thresholds_and_save(out: Path, model, tokenizer, validation_studies, train_set, preprocessing,
                          results: dict) -> dict:
-    from ..eval.detection_eval import subset_reports, to_json  # eval reads train.medmap: import late
-
     labels, sequences = model.config.labels, model.config.sequences
     if validation_studies:
         validation, source = medmom_samples(validation_studies, labels, preprocessing), "validation"

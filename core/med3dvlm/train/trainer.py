@@ -26,10 +26,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
+from ..distributed import DistInfo, all_reduce_mean, init_distributed
 from ..errors import Med3DVLMError, ModelError
 from .checkpoint import CHECKPOINT_DIR, resume, save_checkpoint
 from .config import AMP_DTYPES, TrainConfig
-from .distributed import DistInfo, all_reduce_mean, init_distributed
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from ... import __version__
+from ..._version import __version__
 from ..auth import require_token
 
 router = APIRouter()

@@ -1,8 +1,8 @@
 """torch.distributed helpers for runs launched with ``torchrun`` (or a single plain process).
 
 torchrun sets WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; when WORLD_SIZE is
-missing or 1 every helper here degrades to the single-process answer, so training code can call
-them unconditionally.
+missing or 1 every helper here degrades to the single-process answer, so training, evaluation
+and batch inference can call them unconditionally.
 """
 
 from __future__ import annotations
