@@ -1,6 +1,11 @@
 """Training on freshly generated phantoms: the demo recipe in miniature and the stage commands."""
 
+import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,24 +15,53 @@ from med3dvlm.cli import main
 from med3dvlm.preprocess import DEMO, preprocess
 from med3dvlm.readers import read_volume
 from med3dvlm.train.demo import DemoRecipe, train_demo
+from med3dvlm.train.oracle import LanguageGate
 from med3dvlm.train.volumes import cached_pixels
 
+ROOT = Path(__file__).resolve().parents[1]
+OPEN_GATE = LanguageGate(recall=0.0, invented=1.0, closed_vqa=0.0, n_phantoms=4)
 
-def test_tiny_demo_recipe_loss_falls_and_the_bundle_loads(tmp_path):
-    recipe = DemoRecipe(n_phantoms=12, n_tower_phantoms=10, n_gate_phantoms=6, probe_gate=0.0, seed=3,
-                        lm_layers=2, lm_width=64, lm_heads=2,
-                        siglip={"epochs": 3, "batch_size": 6, "lr": 1e-3},
-                        vlm={"epochs": 3, "batch_size": 16, "lr": 3e-3})
-    summary = train_demo(tmp_path / "model", tmp_path / "work", recipe, progress=False)
-    assert summary["vlm_loss"][1] < 0.8 * summary["vlm_loss"][0]
-    assert summary["siglip_loss"][1] < summary["siglip_loss"][0]
+
+def tiny_recipe(**changes) -> DemoRecipe:
+    """The demo recipe in miniature: every stage runs, in seconds; gates open unless changed."""
+    options = dict(n_phantoms=12, n_tower_phantoms=10, n_segmenter_phantoms=4, n_gate_phantoms=6, probe_gate=0.0,
+                   seed=3, lm_layers=2, lm_width=64, lm_heads=2, workers=2, language_gate=OPEN_GATE,
+                   siglip={"epochs": 3, "batch_size": 6, "lr": 1e-3},
+                   segmenter={"rounds": 1, "steps_per_round": 3, "batch_size": 4, "lr": 3e-3},
+                   retrieval={"epochs": 2, "batch_size": 8, "lr": 1e-3},
+                   oracle_vlm={"epochs": 3, "batch_size": 16, "lr": 3e-3},
+                   vlm={"epochs": 2, "batch_size": 16, "lr": 3e-3})
+    return DemoRecipe(**{**options, **changes})
+
+
+def test_gpu_script_dry_run_builds_a_loadable_demo_and_python_resumes_it(tmp_path):
+    """scripts/train_demo_gpu.sh with a tiny recipe on the CPU (the GPU run is the same command)."""
+    recipe = {k: v for k, v in dataclasses.asdict(tiny_recipe()).items() if k != "workers"}
+    (tmp_path / "tiny.json").write_text(json.dumps(recipe))
+    env = {**os.environ, "MED3DVLM_DEMO_RECIPE": str(tmp_path / "tiny.json"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "train_demo_gpu.sh"), str(tmp_path / "model"),
+                           str(tmp_path / "work")], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Demo model written to" in done.stdout and "language gate on oracle tokens" in done.stdout
+    summary = json.loads((tmp_path / "model" / "recipe.json").read_text())
+    assert summary["oracle_loss"][1] < 0.8 * summary["oracle_loss"][0]
+    assert set(summary["language_gate"]) >= {"report_recall", "closed_vqa_accuracy", "reports_with_invented_finding"}
+    assert [row["steps"] for row in summary["segmenter_curve"]] == [3]
+    assert summary["cpu_seconds"] > 0
     pipe = med3dvlm.load(tmp_path / "model", device="cpu")
-    assert pipe.retrieval is not None
-    assert isinstance(pipe.report((tmp_path / "work" / "phantoms-0" / "M3D_Cap_npy" / "ct_case" / "000001").glob("*.nii.gz").__next__(),
-                                  max_new_tokens=8), str)
-    written = json.loads((tmp_path / "model" / "recipe.json").read_text())
-    assert written["recipe"]["n_phantoms"] == 12
-    assert set(written["probes"]) == {"encoder_tokens", "projector_tokens"}
+    assert pipe.retrieval is not None and pipe.model.config.vision_config.evidence
+    image = next((tmp_path / "work" / "phantoms-0" / "M3D_Cap_npy" / "ct_case" / "000001").glob("*.nii.gz"))
+    assert isinstance(pipe.report(image, max_new_tokens=8), str)
+    assert summary["recipe"]["n_phantoms"] == 12
+    assert set(summary["probes"]) == {"encoder_tokens", "projector_tokens"}
+
+    # --resume from the written model in a new work folder: its segmenter goes on, its curve with it
+    again = train_demo(tmp_path / "model-2", tmp_path / "work-2", tiny_recipe(), progress=False,
+                       resume=tmp_path / "model")
+    assert [row["steps"] for row in again["segmenter_curve"]] == [3, 6]
+    assert again["resumed_from"] == str(tmp_path / "model")
+    assert (tmp_path / "model-2" / "tokenizer.json").read_text() == (tmp_path / "model" / "tokenizer.json").read_text()
 
 
 def test_pixel_cache_survives_a_moved_work_folder_and_fills_only_what_it_lacks(ct_dataset, tmp_path):
@@ -74,10 +108,21 @@ def test_demo_build_stops_loudly_at_the_probe_gate(tmp_path):
     """A gate no tower can pass: the build says so before the VLM stage and writes no model."""
     from med3dvlm.train.demo import ProbeGateFailed
 
-    recipe = DemoRecipe(n_phantoms=8, n_tower_phantoms=6, n_gate_phantoms=6, probe_gate=1.01, seed=4,
-                        siglip={"epochs": 1, "batch_size": 6, "lr": 1e-3})
+    recipe = tiny_recipe(n_phantoms=8, n_tower_phantoms=6, probe_gate=1.01, seed=4,
+                         siglip={"epochs": 1, "batch_size": 6, "lr": 1e-3}, oracle_vlm={"epochs": 1, "batch_size": 16})
     with pytest.raises(ProbeGateFailed, match="PROBE GATE FAILED.*VLM stage was not started"):
         train_demo(tmp_path / "model", tmp_path / "work", recipe, progress=False)
     assert not (tmp_path / "model").exists()
     assert (tmp_path / "work" / "siglip-failed-gate").is_dir()
     assert not (tmp_path / "work" / "vlm").exists()
+
+
+def test_demo_build_stops_at_the_language_gate_before_any_tower_is_trained(tmp_path):
+    from med3dvlm.train.oracle import LanguageGateFailed
+
+    recipe = tiny_recipe(n_phantoms=8, seed=4, oracle_vlm={"epochs": 1, "batch_size": 16},
+                         language_gate=LanguageGate(recall=1.01, n_phantoms=4))
+    with pytest.raises(LanguageGateFailed, match="LANGUAGE GATE FAILED"):
+        train_demo(tmp_path / "model", tmp_path / "work", recipe, progress=False)
+    assert not (tmp_path / "model").exists()
+    assert not (tmp_path / "work" / "segmenter").exists() and not (tmp_path / "work" / "siglip").exists()

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from med3dvlm.errors import ModelError
+from med3dvlm.models.findings import N_EVIDENCE, FindingSegmenter, pair_probabilities, token_evidence
 
 STEM_KERNEL, STEM_STRIDE, STEM_DEPTH, STEM_INNER_KERNEL = 7, 4, 4, 3
 MLP_RATIO = 4
@@ -45,6 +46,10 @@ class DCFormerConfig:
 
     Lists (e.g. from JSON) are accepted and stored as tuples, so ``DCFormerConfig(**asdict(c))``
     and ``DCFormerConfig(**json.load(f))`` round-trip.
+
+    ``evidence`` (not in the released models): a ``FindingSegmenter`` runs beside the encoder and
+    each token of the two deepest stages gains ``N_EVIDENCE`` channels, the largest organ x kind
+    probabilities inside its cell (``models.findings``).
     """
 
     variant: str = "small"
@@ -53,6 +58,7 @@ class DCFormerConfig:
     kernel_sizes: tuple[int, ...] = DEFAULT_KERNELS
     input_size: tuple[int, int, int] = DEFAULT_INPUT_SIZE
     in_chans: int = 1
+    evidence: bool = False
 
     def __post_init__(self) -> None:
         self.num_blocks = tuple(int(n) for n in self.num_blocks)
@@ -92,8 +98,15 @@ class DCFormerConfig:
             # axis gives floor((n-1)/4)+1; each later stage opens with MaxPool3d(3, 2, 1).
             stride = STEM_STRIDE if stage == 0 else 2
             sizes = [(n - 1) // stride + 1 for n in sizes]
-            shapes.append((sizes[0] * sizes[1] * sizes[2], channels))
+            shapes.append((sizes[0] * sizes[1] * sizes[2], channels + self.evidence_channels(stage)))
         return shapes
+
+    def evidence_channels(self, stage: int) -> int:
+        """Channels ``evidence`` adds to the tokens of ``stage`` (the two deepest stages only)."""
+        return N_EVIDENCE if self.evidence and stage >= 3 else 0
+
+    def out_channels(self, stage: int) -> int:
+        return self.channels[stage] + self.evidence_channels(stage)
 
 
 class DecomposedConv3d(nn.Module):
@@ -167,6 +180,8 @@ class DCFormer(nn.Module):
                 )
             )
         self.encoder = nn.ModuleDict(stages)
+        if config.evidence:
+            self.evidence = FindingSegmenter()
 
     @property
     def channels(self) -> tuple[int, ...]:
@@ -182,11 +197,16 @@ class DCFormer(nn.Module):
                 f"DCFormer expects images of shape (B, {self.config.in_chans}, D, H, W), "
                 f"got {tuple(x.shape)}."
             )
+        pixels = x
         x = x.permute(0, 1, 3, 4, 2)  # (B, C, D, H, W) -> (B, C, H, W, D), the trained axis order
         maps = []
         for stage in self.encoder.values():
             x = stage(x)
             maps.append(x.permute(0, 1, 4, 2, 3))  # back to (B, C, D, H, W); a view, no copy
+        if self.config.evidence:
+            pairs = pair_probabilities(self.evidence(pixels))
+            for s in (3, 4):
+                maps[s] = torch.cat([maps[s], token_evidence(pairs, maps[s].shape[2:]).to(maps[s].dtype)], 1)
         return maps
 
 

@@ -69,7 +69,7 @@ class SigLIPModel(nn.Module):
         self.vision_config, self.text_config, self.embed_dim = vision, text, embed_dim
         self.vision_encoder = DCFormer(vision)
         self.language_encoder = build_text_model(text)
-        self.mm_vision_proj = nn.Linear(vision.channels[-1], embed_dim)
+        self.mm_vision_proj = nn.Linear(vision.out_channels(4), embed_dim)
         self.mm_language_proj = nn.Linear(text_width(self.language_encoder), embed_dim)
         self.t_prime = nn.Parameter(torch.tensor(float(t_prime_init)))
         self.bias = nn.Parameter(torch.tensor(float(bias_init)))

@@ -14,6 +14,7 @@ Under ``torchrun --nproc_per_node N -m med3dvlm.cli train ...`` each stage runs 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -137,13 +138,27 @@ def cmd_demo(args) -> None:
     from .demo import DemoRecipe, train_demo
 
     given = {"n_phantoms": args.n, "seed": args.seed, "probe_gate": args.probe_gate}
-    recipe = DemoRecipe(**{k: v for k, v in given.items() if v is not None})
-    summary = train_demo(args.out, args.work, recipe)
-    probes = summary["probes"]
-    print(f"Demo model written to {args.out} in {sum(summary['seconds'].values()):.0f} s; image-token probe "
+    recipe = DemoRecipe.from_file(args.recipe) if args.recipe else DemoRecipe()
+    recipe = dataclasses.replace(recipe, **{k: v for k, v in given.items() if v is not None})
+    if args.segmenter_rounds is not None:
+        recipe.segmenter["rounds"] = args.segmenter_rounds
+    summary = train_demo(args.out, args.work, recipe, resume=_demo_folder(args.resume))
+    probes, language = summary["probes"], summary["language_gate"]
+    print(f"Demo model written to {args.out} in {sum(summary['seconds'].values()):.0f} s "
+          f"({summary['cpu_seconds']:.0f} CPU s); language gate on oracle tokens: recall "
+          f"{language['report_recall']:.3f}, closed VQA {language['closed_vqa_accuracy']:.3f}; image-token probe "
           f"(organ x kind macro AUC on unseen phantoms): encoder {probes['encoder_tokens']['macro_auc']:.3f}, "
           f"projector {probes['projector_tokens']['macro_auc']:.3f}; evaluate it with: "
           f"med3dvlm evaluate --model {args.out}")
+
+
+def _demo_folder(name: str | None) -> Path | None:
+    """--resume's folder: "demo" is the shipped demo model."""
+    if name is None:
+        return None
+    from ..resources import demo_model_dir
+
+    return demo_model_dir() if name == "demo" else Path(name)
 
 
 def _medmap_configs(args) -> dict[str, TrainConfig]:
@@ -211,6 +226,14 @@ def add_train_parser(sub) -> None:
     p.add_argument("--seed", type=int, help="phantom and training seed (default: 0)")
     p.add_argument("--probe-gate", type=float,
                    help="image-token probe macro AUC needed before the VLM stage (default 0.95; 0: always go on)")
+    p.add_argument("--recipe", metavar="FILE",
+                   help="JSON of recipe fields to change (e.g. scripts/demo_gpu_recipe.json for one GPU)")
+    p.add_argument("--resume", metavar="FOLDER", nargs="?", const="demo",
+                   help="continue from a demo model folder (default: the shipped one): keep its tokenizer and "
+                        "DCFormer/text towers, train its finding segmenter further (the work folder's run "
+                        "continues where it stopped)")
+    p.add_argument("--segmenter-rounds", type=int,
+                   help="rounds of 250 segmenter steps, each scored on unseen phantoms (default: the recipe's 6)")
     p = stage("medmap", "MedMAP on MedMoM-layout MRI data: modality-aware pre-training, fine-tuning with the "
                         "text tower frozen, validation thresholds (options: key=value for both stages, "
                         "pretrain.key=value / finetune.key=value for one; resume=true continues)", cmd_medmap)

@@ -16,7 +16,10 @@ its retrieval towers in ``siglip/`` and ``recipe.json`` (the recipe, timings, lo
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -24,21 +27,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import Qwen2Config
+from safetensors import safe_open
+from transformers import AutoTokenizer, Qwen2Config
 
-from ..checkpoints import SIGLIP_FOLDER, save_bundle, save_siglip
+from ..checkpoints import SIGLIP_FOLDER, WEIGHTS_NAME, load_siglip, save_bundle, save_siglip
 from ..data.lesions import PAIRS, Finding
 from ..data.m3d import CAP_JSON, CapItem, case_seed, read_cap, read_vqa, write_dataset
+from ..data.reports import write_report
 from ..errors import Med3DVLMError
 from ..eval.probe import probe_auc, token_features
-from ..data.reports import write_report
 from ..models.dcformer import DCFormerConfig
+from ..models.findings import FindingSegmenter
 from ..models.text import TextConfig
 from ..preprocess import PRESETS
 from ..tokenizer import train_tokenizer
+from .checkpoint import CHECKPOINT_DIR
 from .config import TrainConfig
 from .dense import labels_present, tower_phantoms
+from .evidence_tower import refit_retrieval, with_evidence
 from .examples import caption_examples, vqa_examples
+from .lesion_crops import segmenter_phantoms, train_segmenter
+from .oracle import LanguageGate, language_gate, oracle_features
 from .stages import build_vlm, siglip_stage, vlm_stage
 from .volumes import cached_pixels, encoder_features
 
@@ -46,8 +55,10 @@ from .volumes import cached_pixels, encoder_features
 @dataclass
 class DemoRecipe:
     n_phantoms: int = 1000            # the VLM's phantoms (0-2 findings, as a scan comes)
-    n_tower_phantoms: int = 1500      # the image tower's phantoms, ``tower_findings`` each
+    n_tower_phantoms: int = 1500      # the DCFormer's whole-volume phantoms, ``tower_findings`` each
+    n_segmenter_phantoms: int = 600   # the finding segmenter's phantoms (crops are drawn from them)
     tower_findings: int = 4
+    workers: int = field(default_factory=lambda: min(os.cpu_count() or 1, 32))  # phantom processes
     n_gate_phantoms: int = 150        # fresh phantoms the probe gate scores (never trained on)
     probe_gate: float = 0.95          # macro AUC the image tokens must reach before the VLM stage
     seed: int = 0
@@ -68,8 +79,27 @@ class DemoRecipe:
     high_output_size: tuple[int, int] = (8, 16)
     siglip: dict = field(default_factory=lambda: {"epochs": 18, "batch_size": 16, "lr": 3e-3,
                                                   "weight_decay": 0.05, "warmup_steps": 50})
-    vlm: dict = field(default_factory=lambda: {"epochs": 4, "batch_size": 32, "lr": 2e-3,
-                                               "weight_decay": 0.0, "warmup_steps": 100})
+    segmenter: dict = field(default_factory=lambda: {"rounds": 6, "steps_per_round": 250, "batch_size": 16,
+                                                     "lr": 3e-3, "schedule": "constant", "grad_clip": None,
+                                                     "log_every": 50})
+    retrieval: dict = field(default_factory=lambda: {"epochs": 30, "batch_size": 64, "lr": 3e-3, "warmup_steps": 20})
+    oracle_vlm: dict = field(default_factory=lambda: {"epochs": 3, "batch_size": 32, "lr": 2e-3,
+                                                      "weight_decay": 0.0, "warmup_steps": 100})
+    vlm: dict = field(default_factory=lambda: {"epochs": 2, "batch_size": 32, "lr": 1e-3,
+                                               "weight_decay": 0.0, "warmup_steps": 50})
+    language_gate: LanguageGate = field(default_factory=LanguageGate)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> DemoRecipe:
+        """The recipe with the fields a JSON file gives changed (a stage's options are replaced whole)."""
+        try:
+            changes = json.loads(Path(path).read_text())
+            if "language_gate" in changes:
+                changes["language_gate"] = LanguageGate(**changes["language_gate"])
+            return cls(**changes)
+        except (OSError, ValueError, TypeError) as error:
+            raise Med3DVLMError(f"The recipe file {path} cannot be used ({error}); give a JSON object of "
+                                f"DemoRecipe fields.") from None
 
 
 def _shard(args) -> str:
@@ -100,7 +130,8 @@ def token_probe(features: dict, fit: list[str], test: list[str], labels: dict, p
     def stack(keys):
         low, high = (torch.stack([features[k][n] for k in keys]).float() for n in (0, 1))
         with torch.inference_mode():
-            streams = (low, high) if project is None else (project(low, high),)
+            device = next(project.parameters()).device if project is not None else None
+            streams = (low, high) if project is None else (project(low.to(device), high.to(device)).cpu(),)
         return token_features(*streams), torch.stack([labels[k] for k in keys])
 
     return probe_auc(*stack(fit), *stack(test), names=[f"{o}/{k}" for o, k in PAIRS])
@@ -150,11 +181,14 @@ def read_shards(roots: list[Path]):
 
 
 def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | None = None,
-               progress: bool = True) -> dict:
+               progress: bool = True, resume: str | Path | None = None) -> dict:
+    """Builds the demo model; ``resume`` (a demo model folder, e.g. the shipped one) keeps its
+    tokenizer and retrieval towers and continues its finding segmenter instead of starting over."""
     recipe = recipe or DemoRecipe()
     out, work = Path(out_dir), Path(work_dir)
     torch.manual_seed(recipe.seed)
     timings, started = {}, time.perf_counter()
+    log = print if progress else (lambda *_: None)
 
     def lap(name: str) -> None:
         timings[name] = round(time.perf_counter() - started - sum(timings.values()), 1)
@@ -165,68 +199,152 @@ def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | N
         write_dataset(gate_root, recipe.n_gate_phantoms, GATE_SEED + recipe.seed, modality="CT",
                       splits=(1.0, 0.0, 0.0), progress=False)
     caps, vqas = read_shards(roots)
-    gate_images = [str(c.image_path) for c in read_cap(gate_root / CAP_JSON, "train")]
+    gate_caps = read_cap(gate_root / CAP_JSON, "train")
+    gate_images = [str(c.image_path) for c in gate_caps]
     lap("phantoms")
-    tokenizer = train_tokenizer([c.text for c in caps] + [f"{q.question} {' '.join(q.choices)} {q.answer}" for q in vqas],
-                                vocab_size=recipe.vocab_size)
+
+    # 1. The language stage, proven on oracle tokens before any tower is trusted.
+    tokenizer = AutoTokenizer.from_pretrained(str(resume)) if resume else train_tokenizer(
+        [c.text for c in caps] + [f"{q.question} {' '.join(q.choices)} {q.answer}" for q in vqas],
+        vocab_size=recipe.vocab_size)
+    vision = DCFormerConfig.preset("nano", input_size=PRESETS[recipe.preset].shape)
+    model = build_vlm(tokenizer, dataclasses.replace(vision, evidence=True), _language_model(recipe, tokenizer),
+                      recipe.preset, prompt_style="exact", low_output_size=recipe.low_output_size,
+                      high_output_size=recipe.high_output_size)
+    examples = _vlm_examples(recipe, roots, caps, vqas, model.config.num_image_tokens)
+    oracle = oracle_features(roots + [gate_root], model.config.num_image_tokens, recipe.lm_width,
+                             recipe.language_gate.noise, recipe.seed)
+    # its inputs are the phantoms and the recipe alone: a rerun in the same work folder continues it
+    oracle_config = _train_config(recipe, work / "oracle", progress, recipe.oracle_vlm)
+    oracle_config.resume = (work / "oracle" / CHECKPOINT_DIR / "training_state.pt").is_file()
+    oracle_run = vlm_stage(model, oracle, examples, tokenizer, oracle_config, train_lm=True,
+                           max_length=recipe.lm_context)
+    language = language_gate(model, tokenizer, oracle, gate_root, recipe.language_gate)
+    log(f"language gate: recall {language['report_recall']:.3f}, invented {language['reports_with_invented_finding']:.3f}, "
+        f"closed VQA {language['closed_vqa_accuracy']:.3f} on {language['n_volumes']} unseen phantoms from oracle tokens")
+    lap("language stage on oracle tokens")
+
+    # 2. The image tower: a DCFormer (whole volumes, sigmoid loss + organ-aware maps) and a finding
+    #    segmenter (lesion-centred crops), joined so that each deep token carries organ x kind evidence.
     pixels = cached_pixels(work / f"pixels-{recipe.preset}.pt", [str(c.image_path) for c in caps] + gate_images,
                            PRESETS[recipe.preset], progress=progress)
     labels = labels_present(roots + [gate_root])
     train_images = sorted({str(c.image_path) for c in caps})
-    tower_pixels, tower_pairs, tower_targets = tower_phantoms(
-        work / f"tower-{recipe.preset}.pt", [case_seed(TOWER_SEED + recipe.seed, i) for i in range(recipe.n_tower_phantoms)],
-        recipe.tower_findings, PRESETS[recipe.preset])
-    lap("tokenizer+preprocessing+targets")
-
-    vision = DCFormerConfig.preset("nano", input_size=PRESETS[recipe.preset].shape)
-    text = TextConfig(params={"vocab_size": len(tokenizer), "hidden_size": recipe.text_width,
-                              "num_hidden_layers": recipe.text_layers, "num_attention_heads": 4,
-                              "intermediate_size": 4 * recipe.text_width,
-                              "max_position_embeddings": recipe.max_text_length,
-                              "pad_token_id": tokenizer.pad_token_id}, pooling="mean")
-    siglip, siglip_run = siglip_stage(
-        tower_pixels, tower_pairs, tokenizer, vision, text, recipe.embed_dim,
-        TrainConfig(output_dir=str(work / "siglip"), seed=recipe.seed, progress=progress, **recipe.siglip),
-        max_text_length=recipe.max_text_length, targets=tower_targets)
-    lap("siglip+organ-aware")
-
+    lap("preprocessing")
+    if resume:
+        siglip = load_siglip(Path(resume) / SIGLIP_FOLDER)
+    else:
+        siglip = _dcformer_stage(recipe, work, tokenizer, vision, progress)
+    lap("dcformer")
+    segmenter, curve = _segmenter_stage(recipe, work, resume, progress, log)
+    lap("finding segmenter")
+    siglip = with_evidence(siglip, segmenter).to(next(segmenter.parameters()).device)
     features = encoder_features(siglip.vision_encoder, pixels, progress=progress)
+    refit_retrieval(siglip, {k: f[1].float().mean(0) for k, f in features.items()},
+                    [(str(c.image_path), c.text) for c in caps], tokenizer,
+                    _train_config(recipe, work / "retrieval", progress, recipe.retrieval))
     probes = {"encoder_tokens": token_probe(features, train_images, gate_images, labels)}
-    lap("probe gate")
     gate = probes["encoder_tokens"]["macro_auc"]
-    if progress or gate < recipe.probe_gate:
-        print(f"probe gate: organ x kind macro AUC {gate:.3f} on {len(gate_images)} unseen phantoms "
-              f"(gate {recipe.probe_gate:.2f})")
+    log(f"probe gate: organ x kind macro AUC {gate:.3f} on {len(gate_images)} unseen phantoms "
+        f"(gate {recipe.probe_gate:.2f})")
+    lap("tower assembly, retrieval, probe gate")
     if gate < recipe.probe_gate:
         save_siglip(work / "siglip-failed-gate", siglip, recipe.max_text_length)
         raise ProbeGateFailed(
             f"PROBE GATE FAILED: a linear probe on the image tokens tells organ x kind with macro AUC {gate:.3f} "
             f"on unseen phantoms, below {recipe.probe_gate:.2f}; the language model could not learn what the "
-            f"tokens do not carry, so the VLM stage was not started (towers kept in {work / 'siglip-failed-gate'}).")
+            f"tokens do not carry, so the VLM stage was not started (towers kept in {work / 'siglip-failed-gate'}; "
+            f"train the segmenter longer with --resume).")
 
-    lm = Qwen2Config(vocab_size=len(tokenizer), hidden_size=recipe.lm_width, num_hidden_layers=recipe.lm_layers,
-                     num_attention_heads=recipe.lm_heads, num_key_value_heads=recipe.lm_kv_heads,
-                     intermediate_size=4 * recipe.lm_width, max_position_embeddings=recipe.lm_context,
-                     tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                     pad_token_id=tokenizer.pad_token_id)
-    model = build_vlm(tokenizer, vision, lm, recipe.preset, prompt_style="exact",
-                      low_output_size=recipe.low_output_size, high_output_size=recipe.high_output_size)
+    # 3. The whole: the language model of step 1 learns to read the tower's tokens through the projector.
     model.vision_tower.load_state_dict(siglip.vision_encoder.state_dict())
-    reports = caps + reworded_reports(roots, recipe.report_wordings - 1, recipe.seed)
-    examples = caption_examples(reports, model.config.num_image_tokens, recipe.seed) + \
-        vqa_examples(vqas, model.config.num_image_tokens)
     vlm_run = vlm_stage(model, {k: features[k] for k in train_images}, examples, tokenizer,
-                        TrainConfig(output_dir=str(work / "vlm"), seed=recipe.seed, progress=progress, **recipe.vlm),
-                        train_lm=True, max_length=recipe.lm_context, image_token_centering=recipe.image_token_centering)
+                        _train_config(recipe, work / "vlm", progress, recipe.vlm), train_lm=True,
+                        max_length=recipe.lm_context, image_token_centering=recipe.image_token_centering)
     lap("vlm")
     model.eval()
     probes["projector_tokens"] = token_probe(features, train_images, gate_images, labels, model.mm_projector)
+    model, siglip = model.cpu(), siglip.cpu()  # trained on a GPU where there is one; saved from the CPU
 
     save_bundle(out, model, tokenizer)
     save_siglip(out / SIGLIP_FOLDER, siglip, recipe.max_text_length)
-    summary = {"recipe": asdict(recipe), "seconds": timings, "examples": len(examples), "probes": probes,
-               "siglip_loss": [siglip_run.losses[0], siglip_run.losses[-1]],
+    summary = {"recipe": asdict(recipe), "seconds": timings, "cpu_seconds": _cpu_seconds(),
+               "resumed_from": str(resume) if resume else None, "examples": len(examples),
+               "language_gate": language, "probes": probes, "segmenter_curve": curve,
+               "oracle_loss": [oracle_run.losses[0], oracle_run.losses[-1]],
                "vlm_loss": [vlm_run.losses[0], vlm_run.losses[-1]],
                "torch": torch.__version__, "threads": torch.get_num_threads()}
     (out / "recipe.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def _language_model(recipe: DemoRecipe, tokenizer) -> Qwen2Config:
+    return Qwen2Config(vocab_size=len(tokenizer), hidden_size=recipe.lm_width, num_hidden_layers=recipe.lm_layers,
+                       num_attention_heads=recipe.lm_heads, num_key_value_heads=recipe.lm_kv_heads,
+                       intermediate_size=4 * recipe.lm_width, max_position_embeddings=recipe.lm_context,
+                       tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+
+
+def _vlm_examples(recipe: DemoRecipe, roots: list[Path], caps, vqas, n_tokens: int) -> list:
+    reports = caps + reworded_reports(roots, recipe.report_wordings - 1, recipe.seed)
+    return caption_examples(reports, n_tokens, recipe.seed) + vqa_examples(vqas, n_tokens)
+
+
+def _train_config(recipe: DemoRecipe, folder: Path, progress: bool, options: dict) -> TrainConfig:
+    return TrainConfig(output_dir=str(folder), seed=recipe.seed, progress=progress, **options)
+
+
+def _dcformer_stage(recipe: DemoRecipe, work: Path, tokenizer, vision: DCFormerConfig, progress: bool):
+    """SigLIP + organ-aware pre-training of the DCFormer on whole tower phantoms (``dense``)."""
+    tower_pixels, tower_pairs, tower_targets = tower_phantoms(
+        work / f"tower-{recipe.preset}.pt", [case_seed(TOWER_SEED + recipe.seed, i) for i in range(recipe.n_tower_phantoms)],
+        recipe.tower_findings, PRESETS[recipe.preset], workers=recipe.workers)
+    text = TextConfig(params={"vocab_size": len(tokenizer), "hidden_size": recipe.text_width,
+                              "num_hidden_layers": recipe.text_layers, "num_attention_heads": 4,
+                              "intermediate_size": 4 * recipe.text_width,
+                              "max_position_embeddings": recipe.max_text_length,
+                              "pad_token_id": tokenizer.pad_token_id}, pooling="mean")
+    siglip, _ = siglip_stage(tower_pixels, tower_pairs, tokenizer, vision, text, recipe.embed_dim,
+                             _train_config(recipe, work / "siglip", progress, recipe.siglip),
+                             max_text_length=recipe.max_text_length, targets=tower_targets)
+    return siglip
+
+
+def _segmenter_stage(recipe: DemoRecipe, work: Path, resume, progress: bool, log) -> tuple[FindingSegmenter, list]:
+    """The finding segmenter on lesion-centred crops; continues the work folder's run, or starts
+    from ``resume``'s weights."""
+    config = PRESETS[recipe.preset]
+    examples = segmenter_phantoms(work / f"segmenter-phantoms-{recipe.preset}.pt",
+                                  [case_seed(TOWER_SEED + recipe.seed, i) for i in range(recipe.n_segmenter_phantoms)],
+                                  recipe.tower_findings, config, recipe.workers)
+    held_out = segmenter_phantoms(work / f"segmenter-heldout-{recipe.preset}.pt",
+                                  [case_seed(GATE_SEED + recipe.seed, i) for i in range(recipe.n_gate_phantoms)],
+                                  None, config, recipe.workers)
+    segmenter = FindingSegmenter()
+    folder = work / "segmenter"
+    if resume and not (folder / "curve.json").is_file():
+        shipped = _stored(Path(resume) / WEIGHTS_NAME, "vision_tower.evidence.")
+        if shipped:
+            segmenter.load_state_dict(shipped)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "curve.json").write_text(json.dumps(json.loads((Path(resume) / "recipe.json").read_text())
+                                                          ["segmenter_curve"], indent=1) + "\n")
+    options = dict(recipe.segmenter)
+    rounds, steps = options.pop("rounds"), options.pop("steps_per_round")
+    curve = train_segmenter(segmenter, examples, held_out,
+                            _train_config(recipe, folder, progress, {**options, "resume": True}),
+                            rounds, steps, log)
+    return segmenter.eval(), curve
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of the phantom workers it has waited for."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return round(own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime, 1)
+
+
+def _stored(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file under ``prefix``, with the prefix removed."""
+    with safe_open(str(path), "pt") as stored:
+        return {k[len(prefix):]: stored.get_tensor(k) for k in stored.keys() if k.startswith(prefix)}

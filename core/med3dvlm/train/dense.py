@@ -86,7 +86,7 @@ def _tower_example(args) -> dict:
             "report": write_report(phantom.truth, np.random.default_rng([seed, 1]))}
 
 
-def _cached(cache: Path, jobs: dict[str, tuple], fn, workers: int) -> dict:
+def cached_examples(cache: Path, jobs: dict[str, tuple], fn, workers: int) -> dict:
     """key -> fn(job) for every job, through a torch file cache (only missing keys are computed)."""
     cache = Path(cache)
     stored = torch.load(cache, weights_only=True) if cache.is_file() else {}
@@ -103,7 +103,7 @@ def tower_phantoms(cache: Path, seeds: Sequence[int], n_findings: int, config: P
                    workers: int = 2) -> tuple[dict[str, Tensor], list[tuple[str, str]], dict[str, dict[str, Tensor]]]:
     """In-memory CT phantoms with ``n_findings`` each for the image tower: pixels, (key, report)
     pairs and targets, keyed ``phantom:SEED``."""
-    examples = _cached(cache, {f"phantom:{s}": (s, n_findings, config) for s in seeds}, _tower_example, workers)
+    examples = cached_examples(cache, {f"phantom:{s}": (s, n_findings, config) for s in seeds}, _tower_example, workers)
     return ({k: e["pixels"] for k, e in examples.items()}, [(k, e["report"]) for k, e in examples.items()],
             {k: e["targets"] for k, e in examples.items()})
 

@@ -60,7 +60,8 @@ def build_vlm(tokenizer, vision: DCFormerConfig, lm: Qwen2Config, preprocess_pre
 def vlm_stage(model: Med3DVLM, features: dict, examples: Sequence[Example], tokenizer, config: TrainConfig,
               *, train_lm: bool, lora_rank: int | None = None, max_length: int = 512,
               image_token_centering: float = 0.0) -> TrainResult:
-    """Trains the projector (and the LM when ``train_lm``) on cached encoder features.
+    """Trains the projector (and the LM when ``train_lm``) on cached encoder features: per image
+    (low, high) stage tokens, or LM-width image tokens that bypass the projector (``train.oracle``).
 
     ``image_token_centering`` weighs a penalty on the batch mean of the image tokens. An LM
     trained from scratch otherwise turns the image tokens into a large constant prefix (a soft
@@ -77,7 +78,8 @@ def vlm_stage(model: Med3DVLM, features: dict, examples: Sequence[Example], toke
         return train_lm and name.startswith("language_model.") and (not lora_rank or "lora_" in name)
 
     def loss_fn(m: Med3DVLM, batch: dict) -> torch.Tensor:
-        image_tokens = m.mm_projector(batch.pop("low"), batch.pop("high"))
+        image_tokens = batch.pop("image_tokens") if "image_tokens" in batch else \
+            m.mm_projector(batch.pop("low"), batch.pop("high"))
         loss = m(image_tokens=image_tokens, **batch).loss
         if image_token_centering and len(image_tokens) > 1:
             loss = loss + image_token_centering * image_tokens.mean(0).square().mean()
@@ -86,8 +88,11 @@ def vlm_stage(model: Med3DVLM, features: dict, examples: Sequence[Example], toke
     def collate(rows):
         feats, examples_ = zip(*rows[0])  # one pre-formed batch per item
         batch = collate_examples(examples_, tokenizer, max_length)
-        batch["low"] = torch.stack([f[0] for f in feats]).float()
-        batch["high"] = torch.stack([f[1] for f in feats]).float()
+        if isinstance(feats[0], torch.Tensor):
+            batch["image_tokens"] = torch.stack(feats).float()
+        else:
+            batch["low"] = torch.stack([f[0] for f in feats]).float()
+            batch["high"] = torch.stack([f[1] for f in feats]).float()
         return batch
 
     model.vision_tower.eval()  # frozen: BatchNorm keeps its statistics

@@ -1,0 +1,85 @@
+"""Finding evidence for image tokens: a light 3D U-Net that maps where each organ x kind lies.
+
+A small DCFormer learns focal findings slowly from whole volumes and memorises them; a light
+U-Net trained on small lesion-centred crops learns every kind in minutes (``train.lesion_crops``).
+So a demo tower can carry a ``FindingSegmenter`` next to its DCFormer: per voxel it predicts the
+finding kind (background + ``ABNORMALITIES``) and the organ (other + ``LABELS``), their product
+gives a probability per organ x kind pair (``PAIRS``), and each image token receives the largest
+pair probabilities inside its own cell (``token_evidence``). The language model then reads, per
+token, what lies there, which a linear read-out of the tokens can check (the probe gate).
+
+The network is fully convolutional with BatchNorm, so a 16 x 32 x 32 crop and a whole volume are
+normalised alike; three coordinate channels (position in the whole model input, -1..1) let a crop
+know left from right, which the kidneys and lungs need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data.anatomy import LABELS
+from ..data.lesions import ABNORMALITIES, PAIRS
+
+N_KINDS = 1 + len(ABNORMALITIES)    # background + the five kinds
+N_ORGANS = 1 + len(LABELS)          # other + the labelled structures
+N_EVIDENCE = len(PAIRS)             # channels added to each image token
+STEM_STRIDE = (1, 2, 2)             # the maps come out at (D, H/2, W/2)
+# Row of PAIRS -> (kind channel, organ channel) of the segmenter's outputs.
+_PAIR_KIND = [1 + ABNORMALITIES.index(kind) for _, kind in PAIRS]
+_PAIR_ORGAN = [1 + list(LABELS.values()).index(organ) for organ, _ in PAIRS]
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv3d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm3d(cout), nn.ReLU(inplace=True),
+                         nn.Conv3d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm3d(cout), nn.ReLU(inplace=True))
+
+
+def coordinate_grid(shape: Sequence[int], device=None) -> Tensor:
+    """(3, D, H, W) position of every voxel in a volume of ``shape``, each axis from -1 to 1."""
+    axes = [torch.linspace(-1, 1, n, device=device) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"))
+
+
+class FindingSegmenter(nn.Module):
+    """(B, 1, D, H, W) pixels (+ their coordinates) -> (B, N_KINDS + N_ORGANS, D, H/2, W/2) logits."""
+
+    def __init__(self, channels: Sequence[int] = (16, 32, 64, 96)) -> None:
+        super().__init__()
+        c0, c1, c2, c3 = channels
+        # Strided in-plane stem: the demo's voxels are ~3x longer along D than in-plane.
+        self.stem = nn.Sequential(nn.Conv3d(4, c0, 3, stride=STEM_STRIDE, padding=1, bias=False),
+                                  nn.BatchNorm3d(c0), nn.ReLU(inplace=True))
+        self.enc0, self.enc1, self.enc2, self.enc3 = _block(c0, c0), _block(c0, c1), _block(c1, c2), _block(c2, c3)
+        self.dec2, self.dec1, self.dec0 = _block(c3 + c2, c2), _block(c2 + c1, c1), _block(c1 + c0, c0)
+        self.head = nn.Conv3d(c0, N_KINDS + N_ORGANS, 1)
+
+    def forward(self, pixels: Tensor, coords: Tensor | None = None) -> Tensor:
+        if coords is None:
+            coords = coordinate_grid(pixels.shape[2:], pixels.device).expand(len(pixels), -1, -1, -1, -1)
+        x0 = self.enc0(self.stem(torch.cat([pixels, coords.to(pixels.dtype)], 1)))
+        x1 = self.enc1(F.max_pool3d(x0, (1, 2, 2)))   # in-plane first: keep the few slices
+        x2 = self.enc2(F.max_pool3d(x1, 2))
+        x3 = self.enc3(F.max_pool3d(x2, 2))
+        y = self.dec2(torch.cat([_up(x3, x2), x2], 1))
+        y = self.dec1(torch.cat([_up(y, x1), x1], 1))
+        return self.head(self.dec0(torch.cat([_up(y, x0), x0], 1)))
+
+
+def _up(x: Tensor, like: Tensor) -> Tensor:
+    return F.interpolate(x, size=like.shape[2:], mode="trilinear", align_corners=False)
+
+
+def pair_probabilities(logits: Tensor) -> Tensor:
+    """Segmenter logits -> (B, len(PAIRS), d, h, w): P(kind) x P(organ) of each pair, per voxel."""
+    kinds = logits[:, :N_KINDS].softmax(1)
+    organs = logits[:, N_KINDS:].softmax(1)
+    return kinds[:, _PAIR_KIND] * organs[:, _PAIR_ORGAN]
+
+
+def token_evidence(pairs: Tensor, grid: Sequence[int]) -> Tensor:
+    """(B, P, d, h, w) pair probabilities -> (B, P, *grid): the largest inside each token's cell."""
+    return F.adaptive_max_pool3d(pairs, tuple(grid))

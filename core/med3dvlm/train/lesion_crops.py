@@ -1,0 +1,193 @@
+"""Training the demo tower's ``FindingSegmenter`` on small lesion-centred crops.
+
+Whole volumes spend a small CPU on normal tissue, and a few hundred of them are memorised rather
+than learned; a crop of 16 x 32 x 32 model voxels, centred on a lesion two times in three and
+placed at random otherwise, is a fresh view at every step (nnU-Net's foreground oversampling).
+Targets are the phantoms' own masks carried through the image's preprocessing, on the
+segmenter's output grid (D, H/2, W/2): the finding kind of each cell (background + five kinds)
+and its organ (other + the labelled structures). The loss is cross-entropy + soft Dice over the
+kinds, plus cross-entropy over the organs.
+
+Training runs through the generic loop (``trainer.train``: resumable checkpoints, DDP under
+torchrun, CUDA) in rounds; after each round the volume-level organ x kind AUC on unseen whole
+phantoms is measured, giving the learning curve (``curve.json``: AUC against training minutes).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from ..data.anatomy import LABELS
+from ..data.lesions import ABNORMALITIES, PAIRS
+from ..data.phantoms import Phantom, make_ct_phantom
+from ..eval.classification import per_class_auc
+from ..models.findings import N_KINDS, N_ORGANS, STEM_STRIDE, FindingSegmenter, coordinate_grid, pair_probabilities
+from ..preprocess import PreprocessConfig, carry, preprocess
+from .checkpoint import CHECKPOINT_DIR
+from .config import TrainConfig
+from .dense import cached_examples, present
+from .trainer import train
+
+CROP = (16, 32, 32)         # model voxels (D, H, W); the targets are (16, 16, 16)
+LESION_SHARE = 2 / 3        # crops centred on a finding
+CENTRES_PER_FINDING = 16    # voxels of each finding remembered as crop centres
+ORGAN_WEIGHT = 0.5
+
+
+def segmenter_targets(phantom: Phantom, config: PreprocessConfig) -> dict[str, torch.Tensor]:
+    """Kinds and organs per cell of the segmenter's output grid, and voxels of each finding.
+
+    kinds, organs: (D, H/2, W/2) uint8 class indices (0 = background / other); a cell has a kind
+    when any of its voxels is at least half inside a finding of that kind, and then the organ of
+    that finding. centres: (n, 3) int16
+    model voxels inside findings (a few per finding), where lesion-centred crops are placed.
+    """
+    truth = phantom.truth
+    masks = [truth.label_map == value for value in LABELS] + \
+            [truth.finding_map == i + 1 for i in range(len(truth.findings))]
+    occupancy = carry(phantom.volume, np.stack(masks).astype(np.float32), config)
+    organs, findings = occupancy[:len(LABELS)], occupancy[len(LABELS):]
+    organs = torch.cat([(1 - organs.sum(0, keepdim=True)).clamp_min(0), organs])
+    organ_index = F.avg_pool3d(organs[None], STEM_STRIDE)[0].argmax(0)
+    kinds = torch.zeros(len(ABNORMALITIES), *occupancy.shape[1:])
+    organ_values = list(LABELS.values())
+    for f, occ in zip(truth.findings, findings):
+        k = ABNORMALITIES.index(f.kind)
+        kinds[k] = torch.maximum(kinds[k], occ)
+        # a finding's cells belong to its organ: ascites and effusions lie outside the organ's label
+        cells = F.max_pool3d((occ >= 0.5).float()[None, None], STEM_STRIDE)[0, 0] > 0
+        organ_index[cells] = 1 + organ_values.index(f.organ)
+    inside = F.max_pool3d((kinds >= 0.5).float()[None], STEM_STRIDE)[0]
+    pooled = F.avg_pool3d(kinds[None], STEM_STRIDE)[0] * inside
+    kind_index = torch.where(inside.any(0), pooled.argmax(0) + 1, 0)
+    rng = np.random.default_rng(0)
+    centres = []
+    for occ in findings:
+        voxels = torch.nonzero(occ >= 0.5).numpy()
+        if len(voxels):
+            centres.append(voxels[rng.choice(len(voxels), min(len(voxels), CENTRES_PER_FINDING), replace=False)])
+    centres = np.concatenate(centres) if centres else np.zeros((0, 3), int)
+    return {"kinds": kind_index.to(torch.uint8), "organs": organ_index.to(torch.uint8),
+            "centres": torch.from_numpy(centres).to(torch.int16), "present": present(truth.pairs)}
+
+
+def _segmenter_example(args) -> dict:
+    seed, n_findings, config = args
+    phantom = make_ct_phantom(seed, n_findings=n_findings)
+    return {"pixels": preprocess(phantom.volume, config).half(), **segmenter_targets(phantom, config)}
+
+
+def segmenter_phantoms(cache: Path, seeds: Sequence[int], n_findings: int | None, config: PreprocessConfig,
+                       workers: int = 2) -> list[dict]:
+    """CT phantoms made in memory (``n_findings`` each; None: as a scan comes, 0-2) with their
+    segmenter targets, through a file cache."""
+    jobs = {f"phantom:{s}": (s, n_findings, config) for s in seeds}
+    return list(cached_examples(cache, jobs, _segmenter_example, workers).values())
+
+
+class LesionCrops(Dataset):
+    """Item i: a crop of one example, drawn from (seed, i) alone (so a resumed run sees the same
+    stream), centred on a finding voxel with probability ``lesion_share``."""
+
+    def __init__(self, examples: Sequence[dict], length: int = 2**20, seed: int = 0, crop=CROP,
+                 lesion_share: float = LESION_SHARE) -> None:
+        self.examples, self.length, self.seed = list(examples), length, seed
+        self.crop, self.lesion_share = tuple(crop), lesion_share
+        self.coords = coordinate_grid(self.examples[0]["pixels"].shape[1:])
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, index])
+        example = self.examples[rng.integers(len(self.examples))]
+        shape = np.array(example["pixels"].shape[1:])
+        crop = np.array(self.crop)
+        centres = example["centres"]
+        if len(centres) and rng.random() < self.lesion_share:
+            centre = centres[rng.integers(len(centres))].numpy() + rng.integers(-crop // 4, crop // 4 + 1)
+            start = centre - crop // 2
+        else:
+            start = rng.integers(0, shape - crop + 1)
+        stride = np.array(STEM_STRIDE)
+        start = np.clip(start, 0, shape - crop) // stride * stride   # on the output grid
+        box = tuple(slice(s, s + c) for s, c in zip(start, crop))
+        cells = tuple(slice(s // k, (s + c) // k) for s, c, k in zip(start, crop, stride))
+        return {"pixels": example["pixels"][(slice(None), *box)].float(), "coords": self.coords[(slice(None), *box)],
+                "kinds": example["kinds"][cells].long(), "organs": example["organs"][cells].long()}
+
+
+def segmenter_loss(model: FindingSegmenter, batch: dict) -> torch.Tensor:
+    kind_logits, organ_logits = model(batch["pixels"], batch["coords"]).split([N_KINDS, N_ORGANS], 1)
+    kinds = batch["kinds"]
+    probs = kind_logits.softmax(1)[:, 1:]
+    truth = F.one_hot(kinds, N_KINDS).permute(0, 4, 1, 2, 3)[:, 1:].float()
+    dims = (0, 2, 3, 4)
+    has = truth.sum(dims) > 0
+    dice = 1 - (2 * (probs * truth).sum(dims) + 1) / ((probs + truth).sum(dims) + 1)
+    return (F.cross_entropy(kind_logits, kinds) + (dice[has].mean() if has.any() else 0.0)
+            + ORGAN_WEIGHT * F.cross_entropy(organ_logits, batch["organs"]))
+
+
+@torch.inference_mode()
+def finding_scores(segmenter: FindingSegmenter, pixels: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
+    """(N, 1, D, H, W) whole volumes -> (N, len(PAIRS)): each pair's largest probability."""
+    segmenter.eval()
+    device = next(segmenter.parameters()).device
+    out = [pair_probabilities(segmenter(chunk.float().to(device))).amax((2, 3, 4)).cpu()
+           for chunk in pixels.split(batch_size)]
+    return torch.cat(out)
+
+
+def segmenter_auc(segmenter: FindingSegmenter, pixels: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Volume-level organ x kind AUC of the segmenter's maps on whole volumes."""
+    aucs = per_class_auc(labels.numpy().astype(int), finding_scores(segmenter, pixels).numpy())
+    return {"macro_auc": float(np.nanmean(aucs)),
+            "per_pair_auc": {f"{o}/{k}": (None if np.isnan(a) else round(float(a), 4)) for (o, k), a in zip(PAIRS, aucs)}}
+
+
+def train_segmenter(segmenter: FindingSegmenter, examples: Sequence[dict], held_out: Sequence[dict],
+                    config: TrainConfig, rounds: int, steps_per_round: int, log=print) -> list[dict]:
+    """Train in ``rounds`` of ``steps_per_round`` steps (resuming the run in ``config.output_dir``
+    when it has a checkpoint), scoring the AUC on ``held_out`` whole phantoms after each round.
+
+    Returns the learning curve of the whole run, earlier sessions included: rows of optimiser
+    steps, crops, training seconds (wall and CPU) and macro AUC. The crop stream of a run starts
+    at ``base`` (the steps trained before it, when it started from weights without a checkpoint).
+    """
+    out = Path(config.output_dir)
+    curve_path, checkpoint = out / "curve.json", out / CHECKPOINT_DIR
+    curve = json.loads(curve_path.read_text()) if curve_path.is_file() else []
+    pixels = torch.stack([e["pixels"] for e in held_out])
+    labels = torch.stack([e["present"] for e in held_out])
+    done = curve[-1]["steps"] if curve else 0
+    # Steps before this run's checkpoints (weights shipped without their optimiser): a fresh run
+    # over a fresh crop stream, counted on from there.
+    base = curve[-1].get("base", 0) if curve and checkpoint.is_dir() else done
+    dataset = LesionCrops(examples, seed=config.seed + base)
+    wall, cpu = (curve[-1]["train_seconds"], curve[-1]["cpu_seconds"]) if curve else (0.0, 0.0)
+    for _ in range(rounds):
+        started, cpu_started = time.perf_counter(), time.process_time()
+        segmenter.train()
+        train(segmenter, dataset, replace(config, max_steps=done - base + steps_per_round, resume=checkpoint.is_dir()),
+              loss_fn=segmenter_loss)
+        done += steps_per_round
+        wall += time.perf_counter() - started
+        cpu += time.process_time() - cpu_started
+        score = segmenter_auc(segmenter, pixels, labels)
+        curve.append({"steps": done, "crops": done * config.batch_size, "train_seconds": round(wall, 1),
+                      "cpu_seconds": round(cpu, 1), "base": base, "macro_auc": round(score["macro_auc"], 4),
+                      "per_pair_auc": score["per_pair_auc"]})
+        curve_path.write_text(json.dumps(curve, indent=1) + "\n")
+        log(f"segmenter: {done} steps ({done * config.batch_size} crops), {wall / 60:.1f} min: "
+            f"macro AUC {score['macro_auc']:.3f} on {len(held_out)} unseen phantoms")
+    return curve

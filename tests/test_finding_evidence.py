@@ -1,0 +1,102 @@
+"""The demo tower's finding evidence: segmenter targets from the phantoms' masks, lesion-centred
+crops, the evidence channels on the image tokens, and a segmenter run that resumes."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from med3dvlm.data.lesions import ABNORMALITIES, PAIRS
+from med3dvlm.data.phantoms import make_ct_phantom
+from med3dvlm.models.dcformer import DCFormer, DCFormerConfig, stage_tokens
+from med3dvlm.models.findings import N_EVIDENCE, FindingSegmenter, pair_probabilities
+from med3dvlm.preprocess import DEMO
+from med3dvlm.train.config import TrainConfig
+from med3dvlm.train.lesion_crops import CROP, LesionCrops, segmenter_targets, train_segmenter, _segmenter_example
+
+ORGAN_CHANNEL = {"liver": 1, "spleen": 2, "left kidney": 3, "right kidney": 4, "left lung": 5, "right lung": 6}
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return [_segmenter_example((seed, 3, DEMO)) for seed in (11, 12, 13)]
+
+
+def test_targets_put_every_finding_on_its_organ():
+    phantom = make_ct_phantom(21, n_findings=4)
+    targets = segmenter_targets(phantom, DEMO)
+    assert targets["kinds"].shape == targets["organs"].shape == (32, 64, 64)
+    kinds_seen = set(torch.unique(targets["kinds"]).tolist()) - {0}
+    assert kinds_seen == {1 + ABNORMALITIES.index(f.kind) for f in phantom.truth.findings}
+    for finding in phantom.truth.findings:
+        cells = targets["kinds"] == 1 + ABNORMALITIES.index(finding.kind)
+        # a finding's cells carry its organ, also where it lies outside the organ (ascites, effusion)
+        assert ((targets["organs"] == ORGAN_CHANNEL[finding.organ]) & cells).sum() > 0.4 * cells.sum() / len(
+            [f for f in phantom.truth.findings if f.kind == finding.kind])
+    centres = targets["centres"].long()
+    assert len(centres) > 0
+    assert (targets["kinds"][centres[:, 0], centres[:, 1] // 2, centres[:, 2] // 2] > 0).float().mean() > 0.9
+    assert targets["present"].sum() == len({(f.organ, f.kind) for f in phantom.truth.findings})
+
+
+def test_crops_are_lesion_centred_two_times_in_three_and_repeatable(examples):
+    crops = LesionCrops(examples, seed=5)
+    with_lesion = np.mean([bool((crops[i]["kinds"] > 0).any()) for i in range(60)])
+    assert 0.5 < with_lesion < 0.95
+    item = crops[7]
+    assert item["pixels"].shape == (1, *CROP) and item["coords"].shape == (3, *CROP)
+    assert item["kinds"].shape == (16, 16, 16)
+    assert torch.equal(crops[7]["pixels"], item["pixels"])      # drawn from (seed, index) alone
+    assert not torch.equal(LesionCrops(examples, seed=6)[7]["pixels"], item["pixels"])
+
+
+def test_evidence_channels_are_the_largest_pair_probability_in_each_token_cell():
+    config = DCFormerConfig.preset("nano", input_size=(32, 128, 128))
+    assert not any(k.startswith("evidence.") for k in DCFormer(config).state_dict())  # released layout kept
+    torch.manual_seed(0)
+    tower = DCFormer(DCFormerConfig(**{**config.__dict__, "evidence": True})).eval()
+    pixels = torch.rand(1, 1, 32, 128, 128)
+    with torch.no_grad():
+        maps = tower(pixels)
+        pairs = pair_probabilities(tower.evidence(pixels))
+    (low_n, low_c), (high_n, high_c) = tower.token_shapes()[-2:]
+    assert stage_tokens(maps[3]).shape == (1, low_n, low_c) and low_c == 128 + N_EVIDENCE
+    assert stage_tokens(maps[4]).shape == (1, high_n, high_c) and high_c == 256 + N_EVIDENCE
+    # stage 4 is a 1 x 2 x 2 grid: its first token's cell is the first in-plane quadrant
+    first_cell = pairs[0, :, :, :32, :32].amax((1, 2, 3))
+    assert torch.allclose(maps[4][0, 256:, 0, 0, 0], first_cell)
+    assert len(PAIRS) == N_EVIDENCE
+
+
+def test_segmenter_training_records_its_curve_and_resumes(examples, tmp_path):
+    torch.manual_seed(0)
+    segmenter = FindingSegmenter()
+    config = TrainConfig(output_dir=str(tmp_path / "seg"), batch_size=4, lr=3e-3, schedule="constant",
+                         progress=False, grad_clip=None)
+    curve = train_segmenter(segmenter, examples, examples, config, rounds=2, steps_per_round=3, log=lambda *_: None)
+    assert [row["steps"] for row in curve] == [3, 6] and all(0 <= row["macro_auc"] <= 1 for row in curve)
+    again = train_segmenter(FindingSegmenter(), examples, examples, config, rounds=1, steps_per_round=3,
+                            log=lambda *_: None)
+    assert [row["steps"] for row in again] == [3, 6, 9]
+    assert json.loads((tmp_path / "seg" / "curve.json").read_text())[-1]["crops"] == 36
+    assert again[-1]["train_seconds"] >= curve[-1]["train_seconds"]
+
+
+def test_segmenter_learns_what_a_cell_holds(examples):
+    """Twenty-five steps on one batch of crops: the loss falls well below where it starts."""
+    from med3dvlm.train.lesion_crops import segmenter_loss
+
+    torch.manual_seed(0)
+    segmenter = FindingSegmenter()
+    optimiser = torch.optim.Adam(segmenter.parameters(), 3e-3)
+    crops = LesionCrops(examples, seed=1)
+    batch = {k: torch.stack([crops[i][k] for i in range(8)]) for k in crops[0]}
+    losses = []
+    for _ in range(25):
+        loss = segmenter_loss(segmenter, batch)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.7 * losses[0]

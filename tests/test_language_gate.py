@@ -1,0 +1,71 @@
+"""The language-stage gate: oracle tokens carry the truth, and a language model that does not say
+what they carry stops the demo build in one sentence."""
+
+import json
+
+import pytest
+import torch
+from transformers import Qwen2Config
+
+from med3dvlm.data.m3d import CAP_JSON, read_cap, read_vqa
+from med3dvlm.models.dcformer import DCFormerConfig
+from med3dvlm.tokenizer import train_tokenizer
+from med3dvlm.train.config import TrainConfig
+from med3dvlm.train.examples import caption_examples, vqa_examples
+from med3dvlm.train.oracle import (FACTS, LanguageGate, LanguageGateFailed, case_facts, language_gate,
+                                   oracle_features, oracle_tokens)
+from med3dvlm.train.stages import build_vlm, vlm_stage
+
+
+def test_oracle_tokens_carry_the_facts_a_linear_read_out_recovers():
+    torch.manual_seed(0)
+    facts = (torch.rand(400, len(FACTS)) < 0.15).float()
+    tokens = torch.stack([oracle_tokens(f, 32, 64, noise=0.1) for f in facts]).flatten(1)
+    fit, test = slice(0, 300), slice(300, 400)
+    weights = torch.linalg.lstsq(tokens[fit], facts[fit]).solution
+    assert ((tokens[test] @ weights > 0.5) == facts[test].bool()).float().mean() > 0.99
+    assert torch.allclose(oracle_tokens(facts[0], 32, 64, noise=0.0), oracle_tokens(facts[0], 32, 64, noise=0.0))
+
+
+def test_case_facts_follow_labels_json(ct_dataset):
+    case = json.loads((ct_dataset / "labels.json").read_text())["cases"][0]
+    facts = dict(zip(FACTS, case_facts(case).tolist()))
+    assert facts[f"phase:{case['phase']}"] == 1 and facts["modality:CT"] == 1 and facts["modality:MR"] == 0
+    assert sum(v for k, v in facts.items() if "/" in k) == len({(f["organ"], f["kind"]) for f in case["findings"]})
+
+
+@pytest.fixture(scope="module")
+def tiny_language_stage(ct_dataset, tmp_path_factory):
+    caps = read_cap(ct_dataset / CAP_JSON, "train")
+    vqas = read_vqa(ct_dataset / "M3D-VQA" / "M3D_VQA_train.csv")
+    tokenizer = train_tokenizer([c.text for c in caps] + [f"{q.question} {' '.join(q.choices)} {q.answer}" for q in vqas],
+                                vocab_size=400)
+    lm = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     num_key_value_heads=1, intermediate_size=128, max_position_embeddings=512,
+                     tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = build_vlm(tokenizer, DCFormerConfig.preset("nano", input_size=(32, 128, 128)), lm, "demo",
+                      prompt_style="exact", low_output_size=(8, 8), high_output_size=(4, 8))
+    features = oracle_features([ct_dataset], model.config.num_image_tokens, 64)
+    n = model.config.num_image_tokens
+    run = vlm_stage(model, features, caption_examples(caps, n) + vqa_examples(vqas, n), tokenizer,
+                    TrainConfig(output_dir=str(tmp_path_factory.mktemp("oracle")), epochs=4, batch_size=8, lr=3e-3,
+                                progress=False), train_lm=True, max_length=512)
+    return model, tokenizer, features, run
+
+
+def test_the_language_stage_trains_on_oracle_tokens_and_is_scored_like_a_model(tiny_language_stage, ct_dataset):
+    model, tokenizer, features, run = tiny_language_stage
+    assert run.losses[-1] < 0.6 * run.losses[0]
+    scores = language_gate(model, tokenizer, features, ct_dataset,
+                           LanguageGate(recall=0.0, invented=1.0, closed_vqa=0.0, n_phantoms=4))
+    assert scores["n_volumes"] == 4 and 0 <= scores["report_recall"] <= 1
+    assert scores["example_report"]
+
+
+def test_a_language_stage_below_the_gate_stops_the_build_in_one_sentence(tiny_language_stage, ct_dataset):
+    model, tokenizer, features, _ = tiny_language_stage
+    with pytest.raises(LanguageGateFailed, match=r"^LANGUAGE GATE FAILED: .* fix the language stage's recipe") as error:
+        language_gate(model, tokenizer, features, ct_dataset,
+                      LanguageGate(recall=1.01, invented=0.0, closed_vqa=1.01, n_phantoms=4))
+    assert "\n" not in str(error.value)
