@@ -30,6 +30,7 @@ def tiny_recipe(**changes) -> DemoRecipe:
                    segmenter={"rounds": 1, "steps_per_round": 3, "batch_size": 4, "lr": 3e-3},
                    retrieval={"epochs": 2, "batch_size": 8, "lr": 1e-3},
                    oracle_vlm={"epochs": 3, "batch_size": 16, "lr": 3e-3},
+                   projector_alignment={"epochs": 2, "batch_size": 8, "lr": 1e-3},
                    vlm={"epochs": 2, "batch_size": 16, "lr": 3e-3})
     return DemoRecipe(**{**options, **changes})
 

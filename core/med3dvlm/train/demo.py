@@ -1,17 +1,21 @@
-"""`med3dvlm train demo`: the recipe that builds the bundled demo model from fresh phantoms.
+"""`med3dvlm train demo`: the recipe that builds the bundled demo model from fresh phantoms, through
+gates that each prove one thing and stop the build loudly when they fail.
 
-Steps: write CT phantom datasets in the M3D layouts (two shards in parallel, one per core) ->
-train a BPE tokenizer on their text -> pre-train a DCFormer-nano image tower on phantoms of its
-own (four findings each, made in memory) with the sigmoid loss next to a small BERT text tower
-and organ-aware supervision from the phantoms' own masks (``dense``: organ, kind and organ x
-kind maps, per-token finding scores) -> the probe gate: a linear probe on the image tokens,
-fitted on the VLM's phantoms, must tell organ x kind on phantoms nobody trained on, else the
-build stops before the VLM stage -> a VLM whose encoder is that tower (frozen) -> instruction tuning of
-projector + LM on reports (each also in a few more wordings, written from its labels) and VQA,
-with the image tokens kept centred (see ``vlm_stage``) -> the probe again on the projector's
-tokens. The LM is a small Qwen2 trained from scratch, so it is trained fully together with the
-projector (a separate projector-only stage needs a pre-trained LM). Output: a model bundle with
-its retrieval towers in ``siglip/`` and ``recipe.json`` (the recipe, timings, losses, probes).
+1. Phantoms: CT datasets in the M3D layouts (shards in parallel), and the gate phantoms nobody
+   trains on. A BPE tokenizer on their text.
+2. The language stage on oracle tokens (``oracle``): a small Qwen2 learns reports and VQA from
+   image tokens made of the phantom's truth; the language gate scores it on the gate phantoms.
+3. The image tower: a DCFormer-nano pre-trained on whole volumes with the sigmoid loss and
+   organ-aware maps (``dense``), and a finding segmenter trained on lesion-centred crops
+   (``lesion_crops``, scored on the gate phantoms after every round: the learning curve). Joined
+   (``evidence_tower``), every deep token carries the organ x kind probabilities of its cell; the
+   retrieval projection is fitted again; the probe gate asks a linear probe on the tokens.
+4. The whole: the projector is aligned to the oracle layout, then projector and the language
+   model of step 2 train together on the tower's tokens.
+Output: a model bundle with its retrieval towers in ``siglip/`` and ``recipe.json`` (the recipe,
+gates, learning curve, timings and CPU seconds). ``resume`` starts from a demo model folder: its
+tokenizer and towers are kept and its segmenter trains on; the oracle stage and the segmenter
+also continue their checkpoints in the same work folder.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from .evidence_tower import refit_retrieval, with_evidence
 from .examples import caption_examples, vqa_examples
 from .lesion_crops import segmenter_phantoms, train_segmenter
 from .oracle import LanguageGate, language_gate, oracle_features
-from .stages import build_vlm, siglip_stage, vlm_stage
+from .stages import align_projector, build_vlm, siglip_stage, vlm_stage
 from .volumes import cached_pixels, encoder_features
 
 
@@ -74,7 +78,7 @@ class DemoRecipe:
     lm_kv_heads: int = 2
     lm_context: int = 640
     report_wordings: int = 3          # reports per training volume: the written one + rewordings
-    image_token_centering: float = 1.0
+    image_token_centering: float = 0.0   # the oracle layout is not centred: the projector is aligned to it instead
     low_output_size: tuple[int, int] = (16, 16)
     high_output_size: tuple[int, int] = (8, 16)
     siglip: dict = field(default_factory=lambda: {"epochs": 18, "batch_size": 16, "lr": 3e-3,
@@ -85,8 +89,10 @@ class DemoRecipe:
     retrieval: dict = field(default_factory=lambda: {"epochs": 30, "batch_size": 64, "lr": 3e-3, "warmup_steps": 20})
     oracle_vlm: dict = field(default_factory=lambda: {"epochs": 3, "batch_size": 32, "lr": 2e-3,
                                                       "weight_decay": 0.0, "warmup_steps": 100})
-    vlm: dict = field(default_factory=lambda: {"epochs": 2, "batch_size": 32, "lr": 1e-3,
-                                               "weight_decay": 0.0, "warmup_steps": 50})
+    projector_alignment: dict = field(default_factory=lambda: {"epochs": 30, "batch_size": 32, "lr": 1e-3,
+                                                               "warmup_steps": 20})
+    vlm: dict = field(default_factory=lambda: {"epochs": 1, "batch_size": 32, "lr": 5e-4,
+                                               "weight_decay": 0.0, "warmup_steps": 30})
     language_gate: LanguageGate = field(default_factory=LanguageGate)
 
     @classmethod
@@ -256,8 +262,13 @@ def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | N
             f"tokens do not carry, so the VLM stage was not started (towers kept in {work / 'siglip-failed-gate'}; "
             f"train the segmenter longer with --resume).")
 
-    # 3. The whole: the language model of step 1 learns to read the tower's tokens through the projector.
+    # 3. The whole: the projector learns to give the oracle's layout from the tower's tokens, then
+    #    projector and the language model of step 1 learn together on the tower's tokens.
     model.vision_tower.load_state_dict(siglip.vision_encoder.state_dict())
+    clean = oracle_features(roots, model.config.num_image_tokens, recipe.lm_width, 0.0, recipe.seed)
+    align_run = align_projector(model, {k: features[k] for k in train_images}, clean,
+                                _train_config(recipe, work / "projector", progress, recipe.projector_alignment))
+    lap("projector alignment")
     vlm_run = vlm_stage(model, {k: features[k] for k in train_images}, examples, tokenizer,
                         _train_config(recipe, work / "vlm", progress, recipe.vlm), train_lm=True,
                         max_length=recipe.lm_context, image_token_centering=recipe.image_token_centering)
@@ -272,6 +283,7 @@ def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | N
                "resumed_from": str(resume) if resume else None, "examples": len(examples),
                "language_gate": language, "probes": probes, "segmenter_curve": curve,
                "oracle_loss": [oracle_run.losses[0], oracle_run.losses[-1]],
+               "projector_alignment_loss": [align_run.losses[0], align_run.losses[-1]],
                "vlm_loss": [vlm_run.losses[0], vlm_run.losses[-1]],
                "torch": torch.__version__, "threads": torch.get_num_threads()}
     (out / "recipe.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -7,8 +7,15 @@ plus noise. If a model trained on these cannot write the findings into its repor
 closed questions on phantoms it never saw, no tower can help it, and the recipe of the language
 stage is what needs fixing.
 
-Each fact f has a fixed random direction per token, W[t, f] (seeded; unit-norm rows), and token t
-is the sum of the directions of the facts present, plus Gaussian noise of ``noise`` per element.
+Token f carries fact f as a key and a value, like a word in a memory: a fixed identity direction
+(the same whether or not the fact holds, so attention can find the token from a question about
+it) plus a value direction signed + when the fact holds and - when it does not (seeded random
+unit vectors, scaled to ``SCALE``); tokens after the last fact carry nothing; every element gets
+Gaussian noise of ``noise``. Measured on 2 CPU cores with the demo's LM from scratch: a code
+spread over all tokens (each fact a direction in every token) was not read after three epochs
+(report recall 0.0, closed VQA 0.54), nor was one signed direction per token after 300 steps of
+closed questions (the sign flips the attention key: a question cannot find an absent fact).
+The projector is later taught to give this layout from the tower's tokens (``align_projector``).
 """
 
 from __future__ import annotations
@@ -35,12 +42,18 @@ def case_facts(case: dict) -> torch.Tensor:
     return torch.tensor([float(name in facts) for name in FACTS])
 
 
+SCALE = 3.0
+
+
 def oracle_tokens(facts: torch.Tensor, n_tokens: int, width: int, noise: float = 0.1, seed: int = 0,
                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """(F,) facts -> (n_tokens, width) tokens: per token, the sum of each present fact's direction."""
-    directions = torch.randn(n_tokens, len(FACTS), width, generator=torch.Generator().manual_seed(seed))
-    directions = directions / directions.norm(dim=-1, keepdim=True)
-    tokens = torch.einsum("f,tfw->tw", facts.float(), directions)
+    """(F,) facts -> (n_tokens, width) tokens: token f is fact f's identity +/- its value (see above)."""
+    if n_tokens < len(FACTS):
+        raise ValueError(f"Oracle tokens need at least {len(FACTS)} image tokens, one per fact; got {n_tokens}.")
+    identity, value = torch.randn(2, len(FACTS), width, generator=torch.Generator().manual_seed(seed))
+    identity, value = (SCALE / 2**0.5 * v / v.norm(dim=-1, keepdim=True) for v in (identity, value))
+    tokens = torch.zeros(n_tokens, width)
+    tokens[:len(FACTS)] = identity + (2 * facts.float() - 1)[:, None] * value
     return tokens + noise * torch.randn(tokens.shape, generator=generator)
 
 

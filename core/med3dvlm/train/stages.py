@@ -72,9 +72,11 @@ def vlm_stage(model: Med3DVLM, features: dict, examples: Sequence[Example], toke
     if lora_rank:
         _add_lora(model, lora_rank)
 
+    through_projector = not isinstance(next(iter(features.values())), torch.Tensor)
+
     def trainable(name: str) -> bool:
         if name.startswith("mm_projector."):
-            return True
+            return through_projector
         return train_lm and name.startswith("language_model.") and (not lora_rank or "lora_" in name)
 
     def loss_fn(m: Med3DVLM, batch: dict) -> torch.Tensor:
@@ -102,6 +104,23 @@ def vlm_stage(model: Med3DVLM, features: dict, examples: Sequence[Example], toke
     if lora_rank:
         model.language_model = model.language_model.merge_and_unload()
     return result
+
+
+def align_projector(model: Med3DVLM, features: dict, targets: dict[str, torch.Tensor],
+                    config: TrainConfig) -> TrainResult:
+    """Teaches the projector to give ``targets`` (image -> LM-width tokens, e.g. noise-free oracle
+    tokens) from the encoder's cached (low, high) tokens, by mean squared error; the LM is untouched.
+
+    A language model proven on oracle tokens then receives the layout it reads from the first
+    step of the joint stage, instead of waiting for the projector and itself to meet.
+    """
+    rows = [(low.float(), high.float(), targets[key]) for key, (low, high) in features.items()]
+
+    def loss_fn(m: Med3DVLM, batch) -> torch.Tensor:
+        low, high, target = batch
+        return torch.nn.functional.mse_loss(m.mm_projector(low, high), target)
+
+    return train(model, rows, config, loss_fn=loss_fn, trainable=lambda name: name.startswith("mm_projector."))
 
 
 def _add_lora(model: Med3DVLM, rank: int) -> None:
