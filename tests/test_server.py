@@ -135,8 +135,9 @@ def test_two_clients_wait_in_line_and_are_told_their_place(server):
     thread = threading.Thread(target=long_report)
     thread.start()
     assert started.wait(10)
-    places = [e["position"] for e in second._events(volume, "/ask", {"question": "Next?", "generation": {}}, None)
-              if e["event"] == "queued"]
+    events: list[dict] = []
+    run(tasks.job(second.server, "/ask", {"volume": second.encode(volume), "question": "Next?"}, events.append))
+    places = [e["position"] for e in events if e["event"] == "queued"]
     finished["second"] = time.monotonic()
     thread.join()
     assert places[0] == 1 and places[-1] == 0  # one ahead, then next
@@ -224,7 +225,9 @@ def test_a_server_that_dies_mid_answer_is_one_sentence_and_keeps_what_arrived(se
 
 def test_loading_is_reported_and_a_load_failure_is_one_sentence(server):
     client = med3dvlm.connect(server("--load-delay", "1").url)
-    stages = [e.get("stage") for e in client._events(small_volume(), "/ask", {"question": "Hi?", "generation": {}}, None)]
+    events: list[dict] = []
+    run(tasks.job(client.server, "/ask", {"volume": client.encode(small_volume()), "question": "Hi?"}, events.append))
+    stages = [e.get("stage") for e in events]
     assert stages[:2] == [None, "loading"] and "generating" in stages  # queued, loading, ..., generating
     client = med3dvlm.connect(server("--load-error", "Model folder /x does not exist.").url)
     with pytest.raises(ServerError, match=r"^Model folder /x does not exist\.$"):

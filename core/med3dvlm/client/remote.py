@@ -12,21 +12,24 @@ asked about again (same size and modification time) is not even read again.
 from __future__ import annotations
 
 import os
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
 from .. import prompts
-from ..cancel import CancelToken
+from ..cancel import Cancelled, CancelToken
 from ..detection_result import DetectionResult
 from ..errors import Med3DVLMError
+from ..explained import Evidence, ModelView
 from ..readers import file_version, read_volume
 from ..volume import Volume
 from . import tasks
 from .transport import Server, run
 
 TokenCallback = Callable[[str], None]
+Job = Callable[[list[str], Callable[[dict], None]], object]  # (digests, on_event) -> the job's task
 
 
 class RemotePipeline:
@@ -67,15 +70,17 @@ class RemotePipeline:
         return (yield from tasks.ensure_volume(self.server, lambda: volume))
 
     # ----- jobs --------------------------------------------------------------------------------
-    def _events(self, volume, path: str, payload: dict, cancel: CancelToken | None) -> Iterator[dict]:
-        """The job's events as they arrive, ending with ``done``; Stop (``cancel``) asks the
-        server to stop, and an abandoned iterator closes the connection, which stops it too."""
+    def _events(self, volumes: list, job: Job, cancel: CancelToken | None) -> Iterator[dict]:
+        """The job's events about ``volumes`` (uploaded first, unless the server has them) as they
+        arrive, ending with ``done``; Stop (``cancel``) asks the server to stop, and an abandoned
+        iterator closes the connection, which stops it too."""
         pending: deque[dict] = deque()
 
         def task():
-            if volume is not None:
-                payload["volume"] = yield from self._digest(volume)
-            return (yield from tasks.job(self.server, path, payload, pending.append))
+            digests = []
+            for volume in volumes:
+                digests.append((yield from self._digest(volume)))
+            return (yield from job(digests, pending.append))
 
         running, job_id, asked = task(), None, False
         while True:
@@ -84,6 +89,8 @@ class RemotePipeline:
             except StopIteration as stop:
                 yield from pending
                 self.last_provenance = stop.value.get("provenance")
+                for message in stop.value.get("warnings", ()):
+                    warnings.warn(message, ServerWarning, stacklevel=4)
                 yield stop.value
                 return
             while pending:
@@ -96,40 +103,59 @@ class RemotePipeline:
             if wait is not None:
                 wait.ready(0.05)
 
-    def _text(self, volume, path, payload, on_token, cancel) -> str:
+    def _post(self, path: str, payload: dict, single: bool = True) -> Job:
+        """A job posting ``payload`` (with its volume's digest, or its volumes' with ``single`` False)."""
+        def job(digests, on_event):
+            body = {"volume": digests[0]} if single else {"volumes": digests}
+            return tasks.job(self.server, path, {**body, **payload}, on_event)
+        return job
+
+    def _text(self, volume, job: Job, on_token: TokenCallback | None, cancel) -> str:
         final = {}
-        for event in self._events(volume, path, payload, cancel):
+        for event in self._events([volume], job, cancel):
             if event["event"] == "token" and on_token is not None:
                 on_token(event["text"])
             final = event
         return final.get("text", "").strip()
 
-    def _stream(self, volume, path, payload, cancel) -> Iterator[str]:
-        for event in self._events(volume, path, payload, cancel):
+    def _stream(self, volume, job: Job, cancel) -> Iterator[str]:
+        for event in self._events([volume], job, cancel):
             if event["event"] == "token":
                 yield event["text"]
 
-    @staticmethod
-    def _ask_payload(question, history, choices, settings) -> dict:
-        return {"question": question, "history": [list(turn) for turn in history],
-                "choices": list(choices) if choices else None, "generation": settings}
+    def _final(self, volumes: list, job: Job, cancel: CancelToken | None = None) -> dict:
+        final = {}
+        for final in self._events(volumes, job, cancel):
+            pass
+        return final
+
+    def _report(self, instruction, region, window, settings) -> Job:
+        return self._post("/report", {"instruction": instruction, "generation": settings,
+                                      **tasks.framing(region, window)})
+
+    def _ask(self, question, history, choices, region, window, settings) -> Job:
+        if not (question or "").strip():
+            raise Med3DVLMError("The question is empty; type a question about the volume.")
+        return self._post("/ask", {"question": question, "history": [list(turn) for turn in history],
+                                   "choices": list(choices) if choices else None, "generation": settings,
+                                   **tasks.framing(region, window)})
 
     def report(self, volume, *, instruction: str = prompts.REPORT_PROMPT, on_token: TokenCallback | None = None,
-               cancel: CancelToken | None = None, **settings) -> str:
-        return self._text(volume, "/report", {"instruction": instruction, "generation": settings}, on_token, cancel)
+               cancel: CancelToken | None = None, region=None, window=None, **settings) -> str:
+        return self._text(volume, self._report(instruction, region, window, settings), on_token, cancel)
 
     def ask(self, volume, question: str, *, history: Sequence[tuple[str, str]] = (),
             choices: Sequence[str] | None = None, on_token: TokenCallback | None = None,
-            cancel: CancelToken | None = None, **settings) -> str:
-        if not (question or "").strip():
-            raise Med3DVLMError("The question is empty; type a question about the volume.")
-        return self._text(volume, "/ask", self._ask_payload(question, history, choices, settings), on_token, cancel)
+            cancel: CancelToken | None = None, region=None, window=None, **settings) -> str:
+        return self._text(volume, self._ask(question, history, choices, region, window, settings), on_token, cancel)
 
-    def stream_report(self, volume, *, instruction: str = prompts.REPORT_PROMPT, cancel=None, **settings):
-        return self._stream(volume, "/report", {"instruction": instruction, "generation": settings}, cancel)
+    def stream_report(self, volume, *, instruction: str = prompts.REPORT_PROMPT, cancel=None, region=None,
+                      window=None, **settings):
+        return self._stream(volume, self._report(instruction, region, window, settings), cancel)
 
-    def stream_ask(self, volume, question: str, *, history=(), choices=None, cancel=None, **settings):
-        return self._stream(volume, "/ask", self._ask_payload(question, history, choices, settings), cancel)
+    def stream_ask(self, volume, question: str, *, history=(), choices=None, cancel=None, region=None, window=None,
+                   **settings):
+        return self._stream(volume, self._ask(question, history, choices, region, window, settings), cancel)
 
     def report_batch(self, volumes: Sequence, *, batch_size: int = 1, progress: Callable[[int], None] | None = None,
                      **settings) -> list[str]:
@@ -141,24 +167,66 @@ class RemotePipeline:
                 progress(1)
         return reports
 
-    def detect(self, volume_or_study) -> DetectionResult:
-        """MRI abnormality scores for a volume, a list of volumes or a ``{sequence: volume}`` study."""
-        if isinstance(volume_or_study, dict):
-            sequences, volumes = list(volume_or_study), list(volume_or_study.values())
-        else:
-            sequences = None
-            volumes = volume_or_study if isinstance(volume_or_study, list) else [volume_or_study]
-        digests = [run(self._digest(volume)) for volume in volumes]
-        final = {}
-        for final in self._events(None, "/detect", {"volumes": digests, "sequences": sequences}, None):
-            pass
+    def detect(self, volume_or_study, region=None) -> DetectionResult:
+        """MRI abnormality scores for a volume, a list of volumes or a ``{sequence: volume}`` study
+        (or for ``region`` of it: two opposite corners in RAS mm)."""
+        sequences, volumes = _study(volume_or_study)
+        final = self._final(volumes, self._post("/detect", {"sequences": sequences, **tasks.framing(region)},
+                                                single=False))
         return DetectionResult.from_dict(final["detection"])
 
     def retrieve(self, volume, texts: Sequence[str]) -> list[tuple[int, float]]:
-        final = {}
-        for final in self._events(volume, "/retrieve", {"texts": list(texts)}, None):
-            pass
+        final = self._final([volume], self._post("/retrieve", {"texts": list(texts)}))
         return [(int(index), float(score)) for index, score in final["ranking"]]
+
+    # ----- what the model saw, and where its answers came from -------------------------------------
+    def explain(self, volume, question: str | None = None, answer: str | None = None, region=None, *, window=None,
+                choices: Sequence[str] | None = None, history: Sequence[tuple[str, str]] = (),
+                method: str = "smoothgrad", samples: int = 8, cancel: CancelToken | None = None) -> Evidence:
+        """As ``Pipeline.explain``: the evidence map of an answer (or of the report), made by the
+        server and downloaded, on the volume's own grid. Stopped by ``cancel``: Cancelled."""
+        final = self._final([volume], lambda digests, on_event: tasks.explain(
+            self.server, digests[0], on_event, question=question, answer=answer, history=history, choices=choices,
+            region=region, window=window, method=method, samples=samples), cancel)
+        return _evidence(final)
+
+    def explain_detection(self, volume_or_study, label: str, region=None, *, method: str = "smoothgrad",
+                          samples: int = 8, cancel: CancelToken | None = None) -> dict[str, Evidence]:
+        """As ``Pipeline.explain_detection``: one abnormality score's evidence, a map per sequence."""
+        sequences, volumes = _study(volume_or_study)
+        final = self._final(volumes, lambda digests, on_event: tasks.explain_score(
+            self.server, digests, label, on_event, sequences=sequences, region=region, method=method,
+            samples=samples), cancel)
+        return {sequence: _evidence({"evidence": found}) for sequence, found in _found(final).items()}
+
+    def model_view(self, volume, region=None, window=None) -> ModelView:
+        """As ``Pipeline.model_view``: what the server's model receives from the volume, over the scan."""
+        final = self._final([volume], lambda digests, on_event: tasks.view(self.server, digests[0], on_event,
+                                                                           region=region, window=window))
+        return ModelView.from_dict(final["view"], final["view"]["volume"])
+
+
+class ServerWarning(UserWarning):
+    """The server made an answer otherwise than its model was trained or asked (a CT window of the
+    client's, earlier turns left out of the prompt): its sentence."""
+
+
+def _study(volume_or_study) -> tuple[list[str] | None, list]:
+    """(sequences or None, volumes) of a volume, a list or a {sequence: volume} study."""
+    if isinstance(volume_or_study, dict):
+        return list(volume_or_study), list(volume_or_study.values())
+    return None, volume_or_study if isinstance(volume_or_study, list) else [volume_or_study]
+
+
+def _found(final: dict) -> dict:
+    if "evidence" not in final:  # the server answered "done" without it: it was stopped
+        raise Cancelled("The evidence map was stopped before it was complete.")
+    return final["evidence"]
+
+
+def _evidence(final: dict) -> Evidence:
+    found = _found(final)
+    return Evidence.from_dict(found, found["map"])
 
 
 def connect(url: str, token: str | None = None, ca_file: str | None = None) -> RemotePipeline:
