@@ -69,9 +69,9 @@ def main() -> int:
     encodes, firsts, follow_ups, by_path, ttfts, rates = [], [], [], [], [], []
     pipe.ask(args.volume, QUESTION)
     for _ in range(args.runs):
-        pipe._cache.clear()
+        pipe._tokens.clear()
         encodes.append(timed(lambda: pipe.encode(volume))[0])
-        pipe._cache.clear()
+        pipe._tokens.clear()
         firsts.append(timed(lambda: pipe.ask(volume, QUESTION))[0])
         follow_ups.append(timed(lambda: pipe.ask(volume, "How many abnormalities are there?"))[0])
         by_path.append(timed(lambda: pipe.ask(args.volume, "How many abnormalities are there?"))[0])

@@ -2,26 +2,25 @@
 
 It streams words with a short sleep per token (or, with ``spin=True``, a pure-Python busy loop
 that holds the GIL like a model's Python-side work), honours ``cancel`` within one token, and
-counts how often a new volume content is encoded. It runs behind a real model server process
+knows a volume it met before by its digest, as the real one does. It runs behind a real model server process
 (standin_server.py), which the Slicer tests start through ``server_process.standin_command``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 
-import numpy as np
 from med3dvlm.detection_result import DetectionResult, LabelScore
 from med3dvlm.errors import Med3DVLMError, ModelError, VolumeError
 from med3dvlm.provenance import record
+from med3dvlm.readers import as_volume
+from med3dvlm.volume_cache import known_volumes
 
 WORDS = ("no", "focal", "lesion", "is", "seen", "in", "the", "liver", "spleen", "or", "kidneys")
 
 
 class StandInPipeline:
-    device, dtype, quantization, retrieval, detector = "cpu", "float32", None, None, None  # as /info reads them
     weights = None  # no weight files: no digest
 
     def __init__(self, model_name: str = "stand-in", token_delay: float = 0.002, report_words: int = 24,
@@ -33,16 +32,14 @@ class StandInPipeline:
         self.spin = spin
         self.report_words = report_words
         self.scores = scores
-        self.encode_calls = 0
-        self._encoded: set[str] = set()
         self.generate_kwargs: list[dict] = []
 
+    def describe(self) -> dict:
+        return {"name": self.model_name, "device": "cpu", "dtype": "float32", "quantization": None,
+                "capabilities": ["report", "ask"] + ["detect"] * (self.scores is not None)}
+
     def encode(self, volume) -> str:
-        key = hashlib.sha1(np.ascontiguousarray(volume.array).tobytes() + volume.affine.tobytes()).hexdigest()
-        if key not in self._encoded:
-            self._encoded.add(key)
-            self.encode_calls += 1
-        return key
+        return known_volumes.digest(volume, as_volume)[0]
 
     def provenance(self, task, volume=None, **settings) -> dict:
         """The real pipeline's record (provenance.record), with the stand-in's values."""

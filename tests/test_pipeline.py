@@ -91,7 +91,7 @@ def test_closed_organ_questions_on_fresh_phantoms(pipe):
 
 
 def test_follow_up_question_does_not_run_the_encoder_again(pipe, phantom):
-    pipe._cache.clear()
+    pipe._tokens.clear()
     calls, handle = count_encoder_calls(pipe)
     try:
         first = pipe.ask(phantom.volume, "What abnormalities are present?")
@@ -221,14 +221,14 @@ def test_detection_refuses_ct(pipe):
 
 
 def test_a_follow_up_about_a_file_does_not_read_it_again(monkeypatch, tmp_path):
-    import med3dvlm.pipeline as pipeline_module
+    import med3dvlm.readers as readers
 
     pipe = med3dvlm.load("demo", device="cpu")
     path = tmp_path / "ct.nii.gz"
     shutil.copy(sample_path("ct_phantom.nii.gz"), path)
     reads = []
-    real_read = pipeline_module.read_volume
-    monkeypatch.setattr(pipeline_module, "read_volume", lambda p: reads.append(p) or real_read(p))
+    real_read = readers.read_volume
+    monkeypatch.setattr(readers, "read_volume", lambda p: reads.append(p) or real_read(p))
     first = pipe.ask(path, "Is there a cyst?")
     assert pipe.ask(path, "Is there a cyst?") == first and len(reads) == 1
     made = pipe.provenance("ask", path)

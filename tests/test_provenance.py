@@ -13,9 +13,10 @@ import med3dvlm
 from med3dvlm import provenance
 from med3dvlm.preprocess import DEMO, applied, preprocess
 from med3dvlm.resources import sample_path
-from med3dvlm.server.protocol import volume_digest, wire_form
+from med3dvlm import volume_cache
 from med3dvlm.server.volumes import decode_upload
 from med3dvlm.volume import Volume
+from med3dvlm.wire import volume_digest, wire_chunks, wire_header
 
 CT = sample_path("ct_phantom.nii.gz")
 
@@ -81,22 +82,21 @@ def test_pipeline_record_says_what_produced_an_answer(pipe):
 
 def as_the_server_holds_it(volume: Volume) -> Volume:
     """The volume decoded from an upload, exactly as the model server stores it."""
-    header, array = wire_form(volume)
-    return decode_upload(volume_digest(volume), header, array.tobytes(order="A"), "raw")
+    return decode_upload(volume_digest(volume), wire_header(volume), b"".join(wire_chunks(volume)), "raw")
 
 
 def test_follow_ups_about_a_server_volume_do_not_hash_it_again(pipe, monkeypatch):
-    stored = as_the_server_holds_it(med3dvlm.read_volume(CT))
     hashed = []
-    real = pipe._cache_key
-    monkeypatch.setattr(pipe, "_cache_key", lambda v: hashed.append(v) or real(v))
+    real = volume_cache.volume_digest
+    monkeypatch.setattr(volume_cache, "volume_digest", lambda v: hashed.append(v) or real(v))
+    stored = as_the_server_holds_it(med3dvlm.read_volume(CT))
     first = pipe.ask(stored, "Is there a cyst?")
     assert pipe.ask(stored, "Is there a cyst?") == first
     pipe.provenance("ask", stored)
-    assert len(hashed) == 1  # encode once; the follow-up and its provenance use the remembered key
+    assert hashed == []  # the pipeline knows the upload by the digest the server checked it against
 
     writable = Volume(stored.array.copy(), stored.affine, modality="CT")  # may change in place: hashed each time
     pipe.ask(writable, "Is there a cyst?")
     writable.array[:] = writable.array[::-1]
     pipe.ask(writable, "Is there a cyst?")
-    assert len(hashed) == 3 and len({id(v) for v in hashed}) == 2
+    assert len(hashed) == 2 and all(v is writable for v in hashed)

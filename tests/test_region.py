@@ -74,7 +74,7 @@ def test_pipeline_sends_only_the_region_and_provenance_names_it(pipe, monkeypatc
 
 def test_token_cache_keys_on_region_and_window(pipe):
     volume = body_volume()
-    pipe._cache.clear()
+    pipe._tokens.clear()
     calls = []
     handle = pipe.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
     try:

@@ -15,8 +15,10 @@ from med3dvlm.cancel import CancelToken
 from med3dvlm.client import remote, tasks
 from med3dvlm.client.transport import ConnectionLost, Server, ServerError, exchange, run
 from med3dvlm.resources import sample_path
-from med3dvlm.server.protocol import VOLUME_HEADER, header_text, volume_digest, wire_form
+from med3dvlm.readers import as_volume
 from med3dvlm.volume import Volume
+from med3dvlm.volume_cache import KnownVolumes
+from med3dvlm.wire import VOLUME_HEADER, header_text, volume_digest, wire_chunks, wire_header
 from server_process import start_server
 
 CT, MR = sample_path("ct_phantom.nii.gz"), sample_path("mr_phantom_t2.nii.gz")
@@ -75,8 +77,8 @@ def test_demo_over_http_answers_as_in_process(demo_server):
 
 def test_volume_is_sent_once_and_a_file_read_once(demo_server, monkeypatch):
     reads = []
-    real_read = remote.read_volume
-    monkeypatch.setattr(remote, "read_volume", lambda path: reads.append(path) or real_read(path))
+    real_read = remote.as_volume
+    monkeypatch.setattr(remote, "as_volume", lambda path: reads.append(path) or real_read(path))
     client = med3dvlm.connect(demo_server.url)
     before = client.info()["uploads"]
     client.ask(MR, "Which sequence is this?")
@@ -136,7 +138,7 @@ def test_two_clients_wait_in_line_and_are_told_their_place(server):
     thread.start()
     assert started.wait(10)
     events: list[dict] = []
-    run(tasks.job(second.server, "/ask", {"volume": second.encode(volume), "question": "Next?"}, events.append))
+    run(tasks.ask(second.server, second.encode(volume), "Next?", events.append))
     places = [e["position"] for e in events if e["event"] == "queued"]
     finished["second"] = time.monotonic()
     thread.join()
@@ -188,31 +190,32 @@ def test_unusable_volumes_and_broken_uploads_are_refused(server):
         client.report(flat)
     assert refused.value.status == 422
     volume = small_volume()
-    header, array = wire_form(volume)
     wrong = "0" * 32
-    response = run(exchange(client.server, "PUT", f"/volumes/{wrong}", body=[array.tobytes()],
-                            headers=[(VOLUME_HEADER, header_text(header))]))
+    response = run(exchange(client.server, "PUT", f"/volumes/{wrong}", body=[b"".join(wire_chunks(volume))],
+                            headers=[(VOLUME_HEADER, header_text(wire_header(volume)))]))
     assert response.status == 400 and "does not match its digest" in response.detail()
     response = run(exchange(client.server, "POST", "/report", body=[b'{"volume": "%s"}' % volume_digest(volume).encode()],
                             headers=tasks.JSON))
     assert response.status == 404 and "upload it first" in response.detail()
     # deflated uploads (what a remote client sends) decode to the same volume
-    assert run(tasks.ensure_volume(client.server, lambda: volume, compress=True)) == volume_digest(volume)
+    sent = tasks.send_volume(client.server, tasks.Loaded(volume, as_volume), KnownVolumes(), compress=True)
+    assert run(sent) == volume_digest(volume)
 
 
 def test_server_side_paths_only_inside_the_allowed_folder(server, tmp_path):
     client = med3dvlm.connect(server().url)
-    response = run(exchange(client.server, "POST", "/volumes/from-path", body=[b'{"path": "ct.nii.gz"}'],
-                            headers=tasks.JSON))
-    assert response.status == 403 and "reads no files" in response.detail()
+    with pytest.raises(ServerError, match="reads no files") as refused:
+        run(tasks.volume_from_path(client.server, "ct.nii.gz"))
+    assert refused.value.status == 403
     folder = tmp_path / "shared"
     folder.mkdir()
     (folder / "ct.nii.gz").write_bytes(CT.read_bytes())
     client = med3dvlm.connect(server("--allow-folder", str(folder)).url)
-    for path, status in [("ct.nii.gz", 200), ("../server0/server.log", 403), (str(CT), 403)]:
-        response = run(exchange(client.server, "POST", "/volumes/from-path", headers=tasks.JSON,
-                                body=[('{"path": "%s"}' % path).encode()]))
-        assert response.status == status, response.detail()
+    assert run(tasks.volume_from_path(client.server, "ct.nii.gz")) == volume_digest(med3dvlm.read_volume(CT))
+    for path in ("../server0/server.log", str(CT)):
+        with pytest.raises(ServerError, match="outside the folder") as refused:
+            run(tasks.volume_from_path(client.server, path))
+        assert refused.value.status == 403
 
 
 def test_a_server_that_dies_mid_answer_is_one_sentence_and_keeps_what_arrived(server):
@@ -226,7 +229,7 @@ def test_a_server_that_dies_mid_answer_is_one_sentence_and_keeps_what_arrived(se
 def test_loading_is_reported_and_a_load_failure_is_one_sentence(server):
     client = med3dvlm.connect(server("--load-delay", "1").url)
     events: list[dict] = []
-    run(tasks.job(client.server, "/ask", {"volume": client.encode(small_volume()), "question": "Hi?"}, events.append))
+    run(tasks.ask(client.server, client.encode(small_volume()), "Hi?", events.append))
     stages = [e.get("stage") for e in events]
     assert stages[:2] == [None, "loading"] and "generating" in stages  # queued, loading, ..., generating
     client = med3dvlm.connect(server("--load-error", "Model folder /x does not exist.").url)

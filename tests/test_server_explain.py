@@ -21,7 +21,7 @@ from med3dvlm.client import tasks
 from med3dvlm.client.remote import ServerWarning
 from med3dvlm.client.transport import Server, ServerError, exchange, run
 from med3dvlm.resources import sample_path
-from med3dvlm.server.protocol import VOLUME_HEADER, inflate_steps, parse_header, run_steps, volume_from_bytes
+from med3dvlm.wire import VOLUME_HEADER, inflate_steps, parse_header, run_steps, volume_digest, volume_from_bytes
 from server_process import start_server
 
 CT, MR = str(sample_path("ct_phantom.nii.gz")), str(sample_path("mr_phantom_t2.nii.gz"))
@@ -158,10 +158,8 @@ def test_stop_ends_an_evidence_map_without_one(client):
 
 
 def test_results_travel_deflated_to_a_remote_client_and_are_checked(client):
-    events: list[dict] = []
-    final = run(tasks.job(client.server, "/view", {"volume": client.encode(CT)}, events.append))
-    digest = final["view"]["volume"]
-    here = run(tasks.result_volume(client.server, digest))  # loopback: sent as it is
+    here = run(tasks.view(client.server, client.encode(CT), lambda event: None))["view"]["volume"]
+    digest = volume_digest(here)  # the server names its results by the same content digest as uploads
     response = run(exchange(client.server, "GET", f"/results/{digest}", headers=[("Accept-Encoding", "deflate")]))
     assert response.headers["content-encoding"] == "deflate"
     assert len(response.body) < here.array.nbytes  # deflated: the air around the body compresses

@@ -43,11 +43,12 @@ def test_demo_report_and_question_stream_into_text_nodes(qtbot, scene, demo_logi
 
     node = read_volume_node(scene, str(SAMPLE), name="CT sample")
     tokens: list[str] = []
-    done = []
-    report_node = demo_logic.generate_report(node, on_token=tokens.append, on_done=done.append)
+    done, statuses = [], []
+    report_node = demo_logic.generate_report(node, on_token=tokens.append, on_done=done.append,
+                                             on_status=statuses.append)
     qtbot.waitUntil(lambda: bool(done), timeout=120_000)
     report = done[0].text
-    assert done[0].error is None and len(tokens) > 3 and "".join(tokens).strip() == report
+    assert done[0].error is None and statuses[-1].tokens > 3 and "".join(tokens).strip() == report
     assert "Findings" in report
     assert report_node.GetText() == report
 

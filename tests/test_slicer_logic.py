@@ -14,12 +14,15 @@ import pytest
 from med3dvlm.errors import Med3DVLMError, ModelError, VolumeError
 from med3dvlm.client import tasks
 from med3dvlm.client.transport import run
+from med3dvlm.wire import CHUNK
 from server_process import standin_command, start_server
+from vtkmodules.util.numpy_support import vtk_to_numpy
 
-from SlicerMed3DVLMLib import score_table, text_nodes
+from SlicerMed3DVLMLib import score_table, server_link, text_nodes
 from SlicerMed3DVLMLib.logic import BusyError, Med3DVLMLogic
 from SlicerMed3DVLMLib.settings import Settings
-from SlicerMed3DVLMLib.volume_node import modality_and_sequence, node_metadata, read_volume_node, volume_from_node
+from SlicerMed3DVLMLib.volume_node import (NodeVolume, modality_and_sequence, node_metadata, read_volume_node,
+                                           volume_from_node)
 
 # An LPS-style scan: i runs right-to-left, j anterior-to-posterior, k foot-to-head, slightly oblique.
 ANGLE = np.deg2rad(10)
@@ -83,7 +86,7 @@ def make_logic(scene):
 
 
 def server_info(logic) -> dict:
-    return run(tasks.get_json(logic.local_server.poll(), "/info"))
+    return run(tasks.info(logic.local_server.poll()))
 
 
 # ----- volume node -> Volume ---------------------------------------------------------------------
@@ -221,6 +224,71 @@ def test_second_request_while_busy_is_refused(qtbot, make_logic, make_volume):
     assert text_nodes.active_conversation(logic.scene, volume) is None  # the refused one left nothing
     qtbot.waitUntil(lambda: first.result is not None, timeout=5000)
     assert logic.ask(volume, "Anything else?").startswith("Answer #1")
+
+
+# ----- a large volume: read in place, hashed and sent a chunk a tick ---------------------------------------
+def edit_voxels(node, add: int) -> None:
+    """What a Slicer module does to a volume: change its voxels in place, then mark them modified."""
+    scalars = node.GetImageData().GetPointData().GetScalars()
+    vtk_to_numpy(scalars)[:] += add
+    scalars.Modified()
+
+
+@pytest.fixture
+def checks(monkeypatch) -> list[int]:
+    """Counts the module's checks of a node's state (one before each chunk hashed or sent); one
+    step of the request's task a tick, so that a test can act between two chunks, as Slicer may."""
+    counted, real = [], NodeVolume.check
+    monkeypatch.setattr(NodeVolume, "check", lambda self: counted.append(1) or real(self))
+    monkeypatch.setattr(server_link, "TICK_BUDGET", 0.0)
+    return counted
+
+
+def test_a_volume_edited_while_it_is_sent_is_sent_again_never_stale(qtbot, make_logic, make_volume, checks):
+    logic, array = make_logic(), coded_array((256, 256, 64))  # 8 MB: 8 chunks
+    volume, chunks = make_volume(array), array.nbytes // CHUNK
+    recorder = Recorder()
+    logic.generate_report(volume, **recorder.callbacks())
+    qtbot.waitUntil(lambda: len(checks) >= chunks + 2, timeout=20000)  # hashed, and the upload under way
+    assert len(checks) < 2 * chunks and recorder.result is None
+    edit_voxels(volume, 1000)  # between two ticks
+    qtbot.waitUntil(lambda: recorder.result is not None, timeout=20000)
+    assert recorder.result.error is None
+    assert f"mean={float(array.mean()) + 1000:.1f}" in recorder.result.text  # the model saw the edited voxels
+    info = server_info(logic)
+    assert (info["uploads"], info["volumes"]) == (1, 1)  # the cut-off upload of the stale voxels left nothing
+    assert "Traceback" not in logic.local_server.log_text()
+
+
+def test_a_volume_that_keeps_changing_is_refused_with_a_sentence(qtbot, make_logic, make_volume, checks):
+    logic, array = make_logic(), coded_array((256, 256, 64))
+    volume = make_volume(array)
+    recorder = Recorder()
+    logic.generate_report(volume, **recorder.callbacks())
+    qtbot.waitUntil(lambda: len(checks) >= 2, timeout=20000)
+    while recorder.result is None:  # a module (or a live stream) changing the volume at every tick
+        edit_voxels(volume, 1)
+        qtbot.wait(20)
+    assert recorder.result.error == ("The volume kept changing while it was being sent to the model server; "
+                                     "ask again once it has stopped changing.")
+    assert logic.records(volume) == [] and not logic.busy and server_info(logic)["uploads"] == 0
+
+
+def test_tokens_that_came_during_a_stall_are_shown_in_one_update(make_logic, make_volume):
+    """While Slicer's main thread is busy elsewhere tokens pile up; the next tick writes them to the
+    text node and the panel once, not once a token, so that tick stays short."""
+    logic, volume = make_logic(token_delay=0.002, report_words=400), make_volume(coded_array())
+    recorder = Recorder()
+    recorder.node = logic.generate_report(volume, **recorder.callbacks())
+    while not recorder.tokens:
+        logic._link.pump()
+        time.sleep(0.005)
+    time.sleep(0.4)  # a stall: no tick
+    before = len(recorder.tokens)
+    logic._link.pump()  # one tick
+    assert len(recorder.tokens) == before + 1 and len(recorder.tokens[-1].split()) >= 10
+    assert recorder.node.GetText().endswith(recorder.tokens[-1])
+    logic.cancel()
 
 
 def test_report_and_conversation_survive_saving_and_reloading(tmp_path, scene, make_logic, make_volume):
@@ -385,7 +453,7 @@ def test_a_server_that_dies_mid_answer_keeps_what_arrived_and_restarts(qtbot, ma
     result = recorder.result
     assert result.restart and result.error.startswith("The model server stopped (exit code 3)")
     assert result.error.endswith("press Restart to start it again.") and result.error.count(".") == 1
-    assert len(recorder.tokens) == 5 and node.GetText() == "".join(recorder.tokens)  # what arrived is kept
+    assert len(node.GetText().split()) == 5 and node.GetText() == "".join(recorder.tokens)  # what arrived is kept
     assert node.GetAttribute(text_nodes.STATUS) == "failed" and not logic.busy
     logic.restart_server()
     assert logic.ask(volume, "Hi?") == "Answer #1: Hi?"  # 3 tokens: the fresh server survives them
@@ -403,7 +471,7 @@ def test_changed_settings_restart_the_local_server(qtbot, make_logic, make_volum
     qtbot.waitUntil(lambda: len(recorder.tokens) > 0, timeout=5000)
     logic.update_settings(model=str(tmp_path))  # another model: a new server, after this answer
     qtbot.waitUntil(lambda: recorder.result is not None, timeout=5000)
-    assert recorder.result.error is None and len(recorder.tokens) == 10
+    assert recorder.result.error is None and len(recorder.result.text.split()) == 10
     assert not logic.model_is_loaded
     qtbot.waitUntil(lambda: first.poll() is not None, timeout=5000)  # told to stop; Slicer does not wait for it
     logic.ask(volume, "Two?")

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from med3dvlm.client import tasks
 from med3dvlm.client.transport import Server
 from med3dvlm.detection_result import DetectionResult
 from med3dvlm.errors import Med3DVLMError
@@ -31,14 +32,56 @@ from .local_server import Command, LocalServer, ServerFailure, serve_command
 from .server_link import Request, ServerLink
 from .settings import Settings, SettingsStore, load_settings, save_settings
 from .transcript import Turn, now, qa_pairs
-from .volume_node import DicomLookup, volume_from_node, volume_state
+from .volume_node import DicomLookup, NodeVolume
 
 log = logging.getLogger(__name__)
 
-REQUEST_TEXT = {"report": "Generate a report", "findings": "Detect abnormalities"}
-ROLE_OF = {"report": text_nodes.REPORT_ROLE, "answer": text_nodes.CONVERSATION_ROLE,
-           "findings": text_nodes.FINDINGS_ROLE}
-WHAT = {"report": "the report", "answer": "the answer", "findings": "abnormality detection"}
+
+@dataclass(frozen=True)
+class Asked:
+    """What a request asks: the question (for ``ask``), the conversation's earlier (question,
+    answer) pairs, the generation settings."""
+
+    question: str
+    history: list[tuple[str, str]]
+    generation: dict
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of request: how the chat and the scene show it, and the server task that answers
+    it. A new kind is one entry in KINDS (and its task in med3dvlm.client.tasks)."""
+
+    role: str  # of its text node: a conversation goes on in the volume's current one; others start a node
+    label: str  # the user's turn in the chat; "" when that is the question typed
+    what: str  # names it in messages ("Not enough memory for the report")
+    job: Callable[[Server, str, Asked, Callable[[dict], None]], Any]  # (server, digest, asked, on_event) -> task
+    working: str = ""  # the status while the server works, for a kind that streams no tokens
+    ready: str = ""  # the status when done, for such a kind
+    finish: Callable[[Any, "_Request", dict], str] | None = None  # (scene, request, done event) -> its text
+
+
+def _write_scores(scene, request: "_Request", final: dict) -> str:
+    """The scores of a done ``detect`` into the volume's table node; their text for the chat."""
+    if not final.get("detection"):
+        return ""
+    scores = DetectionResult.from_dict(final["detection"])
+    if not request.detached and scene.IsNodePresent(request.volume):
+        table = score_table.write_scores(scene, request.volume, scores, request.model)
+        text_nodes.set_provenance(table, final.get("provenance"))
+    request.result.scores = dict(scores)
+    return "\n".join(f"{name}: {score:.2f}" for name, score in request.result.scores.items())
+
+
+KINDS = {
+    "report": Kind(text_nodes.REPORT_ROLE, "Generate a report", "the report", lambda server, digest, asked, on_event:
+                   tasks.report(server, digest, on_event, generation=asked.generation)),
+    "ask": Kind(text_nodes.CONVERSATION_ROLE, "", "the answer", lambda server, digest, asked, on_event:
+                tasks.ask(server, digest, asked.question, on_event, history=asked.history, generation=asked.generation)),
+    "detect": Kind(text_nodes.FINDINGS_ROLE, "Detect abnormalities", "abnormality detection",
+                   lambda server, digest, asked, on_event: tasks.detect(server, [digest], on_event),
+                   working="Scoring abnormalities…", ready="Done: abnormality scores ready.", finish=_write_scores),
+}
 
 
 class BusyError(Med3DVLMError):
@@ -47,7 +90,7 @@ class BusyError(Med3DVLMError):
 
 @dataclass
 class Result:
-    kind: str  # "report", "answer" or "findings"
+    kind: str  # a key of KINDS
     text: str = ""
     node_id: str | None = None
     scores: dict[str, float] | None = None
@@ -64,12 +107,12 @@ class Status:
     max_tokens: int = 0
 
 
-def user_message(error: BaseException, kind: str, model: str) -> str:
+def user_message(error: BaseException, kind: str) -> str:
     if isinstance(error, Med3DVLMError):
         return str(error)
     if isinstance(error, MemoryError):
-        return f"Not enough memory for {WHAT[kind]}; close other programs or choose the CPU or a smaller model."
-    return (f"Unexpected error during {WHAT[kind]} ({type(error).__name__}: {error}); "
+        return f"Not enough memory for {KINDS[kind].what}; close other programs or choose the CPU or a smaller model."
+    return (f"Unexpected error during {KINDS[kind].what} ({type(error).__name__}: {error}); "
             "the details are in the Python console.")
 
 
@@ -194,11 +237,11 @@ class Med3DVLMLogic:
 
     def ask(self, volume_node, question: str, on_token=None, on_done=None, on_status=None):
         """An answer about the volume, continuing its conversation; blocking unless ``on_done`` is given."""
-        return self._run("answer", volume_node, question, on_token, on_done, on_status)
+        return self._run("ask", volume_node, question, on_token, on_done, on_status)
 
     def detect(self, volume_node, on_done=None, on_status=None):
         """Abnormality scores {name: probability}; blocking unless ``on_done`` is given."""
-        return self._run("findings", volume_node, "", None, on_done, on_status)
+        return self._run("detect", volume_node, "", None, on_done, on_status)
 
     def _run(self, kind, volume_node, question, on_token, on_done, on_status):
         callbacks = {"token": on_token, "done": on_done, "status": on_status}
@@ -208,7 +251,7 @@ class Med3DVLMLogic:
         self._link.wait(request.link_request)
         if request.exception is not None:
             raise request.exception
-        return request.result.scores if kind == "findings" else request.result.text
+        return request.result.text if request.result.scores is None else request.result.scores
 
     def _resolve(self, volume_node):
         if isinstance(volume_node, str):
@@ -217,44 +260,27 @@ class Med3DVLMLogic:
 
     def _start(self, kind: str, node, question: str, callbacks: dict) -> _Request:
         if self._request is not None:
-            raise BusyError(f"Med3DVLM is still working on {WHAT[self._request.kind]}; wait for it or press Stop.")
-        question = (question or "").strip()
-        if kind == "answer" and not question:
+            raise BusyError(f"Med3DVLM is still working on {KINDS[self._request.kind].what}; wait for it or press Stop.")
+        question, spec = (question or "").strip(), KINDS[kind]
+        if not spec.label and not question:
             raise Med3DVLMError("The question is empty; type a question about the volume.")
-        get_volume = self._volume_getter(node)  # VolumeError for no/2D/colour volumes, at once
+        source = NodeVolume(node, self._dicom_lookup)  # VolumeError for no/2D/colour volumes, at once; no copy
         settings = self._settings
-        record = text_nodes.active_conversation(self.scene, node) if kind == "answer" else None
+        conversation = spec.role == text_nodes.CONVERSATION_ROLE
+        record = text_nodes.active_conversation(self.scene, node) if conversation else None
         if record is None:
-            record = text_nodes.create_record(self.scene, node, ROLE_OF[kind], settings.model)
+            record = text_nodes.create_record(self.scene, node, spec.role, settings.model)
         earlier = text_nodes.get_turns(record)
-        turns = earlier + [Turn("user", question or REQUEST_TEXT[kind], now()), Turn("model", "", now())]
+        turns = earlier + [Turn("user", question or spec.label, now()), Turn("model", "", now())]
         text_nodes.set_turns(record, turns, status="generating")
         request = _Request(kind, node, record, turns, callbacks, settings.max_new_tokens, settings.model)
         request.server_key = self._server_key
-        path, payload = self._payload(kind, question, qa_pairs(earlier), settings)
+        asked = Asked(question, qa_pairs(earlier), settings.generation())
         self._request = request
         request.link_request = self._link.submit(Request(
-            path, volume_state(node), get_volume, payload,
+            source, lambda server, digest, on_event: spec.job(server, digest, asked, on_event),
             lambda event, value: self._on_event(request, event, value)))
         return request
-
-    def _volume_getter(self, node) -> Callable:
-        """Copies the voxels now, unless the server knows this very state of the node already (a
-        follow-up question): then only if the server has dropped it meanwhile."""
-        if node is not None and self._link.known_digest(volume_state(node)) is not None:
-            return lambda: volume_from_node(node, self._dicom_lookup)
-        volume = volume_from_node(node, self._dicom_lookup)
-        return lambda: volume
-
-    @staticmethod
-    def _payload(kind: str, question: str, history: list, settings: Settings):
-        generation = settings.generation()
-        if kind == "findings":
-            return "/detect", lambda digest: {"volumes": [digest]}
-        if kind == "report":
-            return "/report", lambda digest: {"volume": digest, "generation": generation}
-        return "/ask", lambda digest: {"volume": digest, "question": question,
-                                       "history": [list(turn) for turn in history], "generation": generation}
 
     # ----- events, on the main thread -----------------------------------------------------------
     def _on_event(self, request: _Request, event: str, payload) -> None:
@@ -263,11 +289,11 @@ class Med3DVLMLogic:
                 request.started = time.monotonic()
             self._notify(request, self._status(request, payload["stage"], payload.get("position", 0)))
         elif event == "token":
-            request.tokens += 1
+            request.tokens = payload["n"]
             request.last_token = time.monotonic()
-            request.turns[-1].text += payload
+            request.turns[-1].text += payload["text"]
             self._write(request, "generating")
-            self._call(request.callbacks["token"], payload)
+            self._call(request.callbacks["token"], payload["text"])
             self._notify(request, self._status(request, "generating"))
         elif event == "done":
             self._finish(request, payload)
@@ -288,8 +314,9 @@ class Med3DVLMLogic:
             "done": f"Done: {request.tokens} tokens in {elapsed:.1f} s ({rate:.1f} tok/s)",
             "stopped": f"Stopped after {request.tokens} tokens.",
         }
-        if request.kind == "findings" and stage in ("generating", "done"):
-            messages.update(generating="Scoring abnormalities…", done="Done: abnormality scores ready.")
+        spec = KINDS[request.kind]
+        if spec.working:
+            messages.update(generating=spec.working, done=spec.ready)
         return Status(stage, messages[stage], request.tokens, request.max_tokens)
 
     def _finish(self, request: _Request, final: dict) -> None:
@@ -298,14 +325,8 @@ class Med3DVLMLogic:
         request.result.stopped = stopped
         if final.get("model"):
             self.loaded_model, self._loaded_key = describe_model(final["model"], self._link.remote), request.server_key
-        value = final.get("text", "")
-        if request.kind == "findings" and final.get("detection"):
-            scores = DetectionResult.from_dict(final["detection"])
-            if not request.detached and self.scene.IsNodePresent(request.volume):
-                table = score_table.write_scores(self.scene, request.volume, scores, request.model)
-                text_nodes.set_provenance(table, final.get("provenance"))
-            request.result.scores = dict(scores)
-            value = "\n".join(f"{name}: {score:.2f}" for name, score in request.result.scores.items())
+        finish = KINDS[request.kind].finish
+        value = finish(self.scene, request, final) if finish is not None else final.get("text", "")
         text = request.result.text = request.turns[-1].text = value or request.turns[-1].text
         stage = "stopped" if stopped else "done"
         if stopped and not text:  # stopped before any output: nothing worth keeping
@@ -319,7 +340,7 @@ class Med3DVLMLogic:
         self._end(request, self._status(request, stage))
 
     def _fail(self, request: _Request, error: BaseException) -> None:
-        message = user_message(error, request.kind, self._settings.model)
+        message = user_message(error, request.kind)
         if not isinstance(error, (Med3DVLMError, MemoryError)):
             log.error("Med3DVLM: %s", message, exc_info=error)
         request.exception = error if isinstance(error, Med3DVLMError) else Med3DVLMError(message)

@@ -3,10 +3,11 @@
 Inside Slicer, PythonQt keeps the GIL on the main thread while the event loop idles, so a Python
 worker thread would barely run. Here nothing needs one: the model runs in the server process,
 and each timer tick advances the request's task (:mod:`med3dvlm.client.transport`) for a few
-milliseconds: starting the local server, hashing and sending the volume a chunk at a time, then
-reading whatever tokens the socket holds. Events reach the request's handler on the main thread:
-``status`` (stage: starting, loading, queued, encoding, generating; ``position`` when queued),
-``token``, then ``done`` (the server's final event) or ``error`` (the exception).
+milliseconds: starting the local server, hashing the volume a chunk at a time while it starts,
+sending it a chunk at a time, then reading whatever tokens the socket holds. Events reach the
+request's handler on the main thread: ``status`` (stage: starting, loading, queued, encoding,
+generating; ``position`` when queued), ``token`` (``text``: what came during the tick, ``n``:
+tokens so far), then ``done`` (the server's final event) or ``error`` (the exception).
 """
 
 from __future__ import annotations
@@ -18,27 +19,28 @@ from typing import Any
 from med3dvlm.client import tasks
 from med3dvlm.client.transport import ConnectionLost, Pause, Server, advance
 from med3dvlm.errors import Med3DVLMError
-from med3dvlm.volume import Volume
+from med3dvlm.volume_cache import KnownVolumes
 
 from .local_server import LocalServer, ServerFailure
 from .settings import Settings
 
 EventHandler = Callable[[str, Any], None]
+Job = Callable[[Server, str, tasks.EventCallback], Any]  # (server, digest, on_event) -> a job task of client.tasks
 TICK_BUDGET = 0.008  # seconds of work per tick: the main thread stays free for rendering
 
 
 class Request:
-    """What to send (``path``, ``payload(digest)``), about which volume, and where events go;
-    ``finished`` turns True on the main thread once ``done`` or ``error`` is delivered."""
+    """What to ask (``job``) about which volume (``source``, a ``tasks.VolumeSource``), and where
+    events go; ``finished`` turns True on the main thread once ``done`` or ``error`` is delivered."""
 
-    def __init__(self, path: str, volume_key: tuple, get_volume: Callable[[], Volume],
-                 payload: Callable[[str], dict], on_event: EventHandler) -> None:
-        self.path, self.volume_key, self.get_volume, self.payload = path, volume_key, get_volume, payload
-        self.on_event = on_event
+    def __init__(self, source: tasks.VolumeSource, job: Job, on_event: EventHandler) -> None:
+        self.source, self.job, self.on_event = source, job, on_event
         self.job_id: str | None = None
         self.stop_requested = False
         self.finished = False
         self.task = None
+        self.text: list[str] = []  # tokens that came during this tick, delivered together
+        self.tokens = 0
 
 
 class ServerLink:
@@ -47,7 +49,7 @@ class ServerLink:
         self.poll_ms = poll_ms
         self.remote: Server | None = None  # None: the local server
         self.settings = Settings()
-        self._digests: dict[tuple, str] = {}  # volume node state -> digest the server knows it by
+        self._known = KnownVolumes()  # volume node state -> digest
         self._current: Request | None = None
         self._side_tasks: list = []  # cancel requests, advanced alongside
         self._pending: tuple | None = None  # settings changed while a request ran
@@ -65,11 +67,7 @@ class ServerLink:
             return
         if (settings.load_key, remote) != (self.settings.load_key, self.remote):
             self.local.stop()
-            self._digests.clear()
         self.settings, self.remote = settings, remote
-
-    def known_digest(self, volume_key: tuple) -> str | None:
-        return self._digests.get(volume_key)
 
     def submit(self, request: Request) -> Request:
         if self._current is not None:
@@ -112,6 +110,8 @@ class ServerLink:
             else:
                 if finished:
                     self._finish(request, "done", value)
+                else:
+                    self._deliver_tokens(request)
         if self._current is None and not self._side_tasks:
             self._stop_timer()
 
@@ -128,7 +128,6 @@ class ServerLink:
     def restart(self) -> None:
         """After a failure: a fresh local server (started now, to be ready sooner), or a reconnect."""
         self.local.stop()
-        self._digests.clear()
         if self.remote is None:
             self.local.start(self.settings)
 
@@ -142,21 +141,17 @@ class ServerLink:
 
     # ----- the request's task -------------------------------------------------------------------
     def _run(self, request: Request):
-        server = yield from self._server(request)
-        digest = yield from tasks.ensure_volume(server, request.get_volume, self._digests.get(request.volume_key))
-        self._digests[request.volume_key] = digest
-        return (yield from tasks.job(server, request.path, request.payload(digest),
-                                     lambda event: self._on_stream(request, event)))
-
-    def _server(self, request: Request):
-        if self.remote is not None:
-            return self.remote
-        if not self.local.running:
+        if self.remote is None and not self.local.running:
             request.on_event("status", {"stage": "starting"})
             self.local.start(self.settings)
-        while (server := self.local.poll()) is None:
+        try:
+            yield from tasks.digest_of(request.source, self._known)  # while the server starts
+        except tasks.VolumeChanged:
+            pass  # edited meanwhile: send_volume reads it again
+        while (server := self.remote or self.local.poll()) is None:  # the local server is starting
             yield Pause()
-        return server
+        digest = yield from tasks.send_volume(server, request.source, self._known)
+        return (yield from request.job(server, digest, lambda event: self._on_stream(request, event)))
 
     def _server_now(self) -> Server:
         return self.remote or self.local.poll()
@@ -170,7 +165,15 @@ class ServerLink:
         elif kind == "status":
             request.on_event("status", event)
         elif kind == "token":
-            request.on_event("token", event["text"])
+            request.text.append(event["text"])
+            request.tokens = event["n"]
+
+    def _deliver_tokens(self, request: Request) -> None:
+        """One ``token`` event per tick, whatever came: the panel and the text node are then
+        updated once a tick, not once a token (a burst after a stall would hold the main thread)."""
+        if request.text:
+            text, request.text = "".join(request.text), []
+            request.on_event("token", {"text": text, "n": request.tokens})
 
     def _explain(self, error: Exception) -> Exception:
         """A lost connection to the local server: say whether the server process died."""
@@ -182,6 +185,7 @@ class ServerLink:
         return error
 
     def _finish(self, request: Request, kind: str, payload) -> None:
+        self._deliver_tokens(request)
         if self._current is request:
             self._current = None
             if self._pending is not None:

@@ -2,7 +2,9 @@
 
 Slicer's voxel arrays are ordered [k, j, i] (VTK's x index varies fastest); ``Volume`` is
 [i, j, k] with an affine from (i, j, k) to RAS, which is exactly the node's IJK-to-RAS matrix
-(times its parent transform, when the volume is under a linear one).
+(times its parent transform, when the volume is under a linear one). The voxels are not copied
+(150 MB of a CT would hold the main thread for 30-60 ms): a ``Volume`` views Slicer's own buffer,
+and :class:`NodeVolume` tells whether the node still holds what was read.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from vtkmodules.util.numpy_support import numpy_to_vtk, vtk_to_numpy
 from vtkmodules.vtkCommonDataModel import vtkImageData
 from vtkmodules.vtkCommonMath import vtkMatrix4x4
 
+from med3dvlm.client.tasks import VolumeChanged
 from med3dvlm.errors import VolumeError
 from med3dvlm.modality import guess_modality
 from med3dvlm.validation import check_shape
 from med3dvlm.volume import MR_SEQUENCES, Volume
+from med3dvlm.volume_cache import Identity
 
 # (SOP instance UID, DICOM tag "gggg,eeee") -> value; slicer.dicomDatabase.instanceValue in Slicer.
 DicomLookup = Callable[[str, str], str]
@@ -49,19 +53,28 @@ def ijk_to_ras(node) -> np.ndarray:
     return affine
 
 
+def _scalars(node):
+    image = node.GetImageData()
+    return image.GetPointData().GetScalars() if image is not None else None
+
+
 def volume_state(node) -> tuple:
     """Changes whenever what ``volume_from_node`` would return may change (voxels, geometry,
-    attributes, parent transform): a key under which a conversion's result can be remembered."""
-    image, parent = node.GetImageData(), node.GetParentTransformNode()
+    attributes, parent transform): a key under which a conversion's result can be remembered.
+    The voxel buffer's address and size are part of it: a buffer reallocated without a Modified
+    event must never be read through an old view."""
+    image, parent, scalars = node.GetImageData(), node.GetParentTransformNode(), _scalars(node)
+    buffer = vtk_to_numpy(scalars) if scalars is not None else None
     return (node.GetID(), node.GetMTime(), image.GetMTime() if image is not None else 0,
+            (buffer.ctypes.data, buffer.nbytes) if buffer is not None else None,
             parent.GetID() if parent is not None else None, parent.GetMTime() if parent is not None else 0)
 
 
 def voxels(node) -> np.ndarray:
-    """A copy of the voxels indexed [i, j, k] (the worker thread must not share Slicer's buffer)."""
+    """The voxels indexed [i, j, k]: a read-only view of Slicer's buffer (Fortran order)."""
     name = node.GetName()
     image = node.GetImageData()
-    scalars = image.GetPointData().GetScalars() if image is not None else None
+    scalars = _scalars(node)
     if scalars is None:
         raise VolumeError(f"Volume '{name}' has no voxels loaded; load the image again.")
     components = image.GetNumberOfScalarComponents()
@@ -70,8 +83,9 @@ def voxels(node) -> np.ndarray:
                           "a grayscale CT or MRI volume is needed.")
     dims = image.GetDimensions()
     check_shape(f"Volume '{name}'", dims)
-    kji = vtk_to_numpy(scalars).reshape(dims[::-1])
-    return kji.transpose(2, 1, 0).copy(order="K")  # "K": a plain memcpy, no reordering on the GUI thread
+    ijk = vtk_to_numpy(scalars).reshape(dims[::-1]).transpose(2, 1, 0)
+    ijk.flags.writeable = False  # a Volume must not write into the scene behind Slicer's back
+    return ijk
 
 
 def _split_camel_case(text: str) -> str:
@@ -113,6 +127,31 @@ def volume_from_node(node, dicom_lookup: DicomLookup | None = None) -> Volume:
     modality, sequence = modality_and_sequence(node, meta)
     return Volume(voxels(node), ijk_to_ras(node), modality=modality, sequence=sequence,
                   metadata={**meta, "node_id": node.GetID()}, source=node.GetName())
+
+
+class NodeVolume:
+    """A volume node as the source of a volume to send (``med3dvlm.client.tasks.VolumeSource``):
+    read in place, known by its state, and checked before each chunk is hashed or sent, since
+    Slicer may change the node between two timer ticks."""
+
+    def __init__(self, node, dicom_lookup: DicomLookup | None = None) -> None:
+        self.node, self.dicom_lookup = node, dicom_lookup
+        self._state: tuple | None = None
+        self._volume: Volume | None = None
+        self.read()  # a VolumeError now for no, 2D or colour volumes
+
+    def identity(self) -> Identity:
+        return Identity(volume_state(self.node))
+
+    def read(self) -> Volume:
+        if self._volume is None or volume_state(self.node) != self._state:
+            self._volume = volume_from_node(self.node, self.dicom_lookup)
+            self._state = volume_state(self.node)
+        return self._volume
+
+    def check(self) -> None:
+        if volume_state(self.node) != self._state:
+            raise VolumeChanged(f"Volume '{self.node.GetName()}' changed while it was being sent to the model server.")
 
 
 def read_volume_node(scene, path: str, name: str | None = None):

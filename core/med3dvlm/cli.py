@@ -125,12 +125,9 @@ def cmd_phantoms(args) -> None:
 
 
 def _provenance(pipe, task: str, volume, settings: dict, seconds: float) -> dict:
-    """What produced an output: the server's record of its last answer, or the pipeline's own."""
-    from .client.remote import RemotePipeline
-
-    if isinstance(pipe, RemotePipeline):
-        return pipe.last_provenance  # with the server's own time
-    return {**pipe.provenance(task, volume, **settings), "seconds": round(seconds, 3)}
+    """What produced an output (Answerer.provenance), with the time taken unless a server's record
+    has its own."""
+    return {"seconds": round(seconds, 3), **pipe.provenance(task, volume, **settings)}
 
 
 def cmd_report(args) -> None:

@@ -11,13 +11,10 @@ that thread for each text piece and a ``CancelToken`` stops generation within on
 
 from __future__ import annotations
 
-import hashlib
 import os
 import queue
 import threading
 import warnings
-import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -26,6 +23,7 @@ import numpy as np
 import torch
 
 from . import prompts
+from .answerer import TokenCallback
 from .attribution import Progress
 from .cancel import Cancelled, CancelToken
 from .checkpoints import SIGLIP_FOLDER, load_bundle, load_siglip
@@ -40,16 +38,16 @@ from .model_input import framing_key, input_record, prepare_input
 from .model_view import model_view
 from .preprocess import PRESETS, PreprocessConfig
 from .provenance import record, weights_digest
-from .readers import file_version, read_volume
+from .readers import as_volume
 from .region import Region
 from .resources import demo_detector_dir, demo_model_dir
 from .volume import Volume
+from .volume_cache import Recent, known_volumes
 
 
 DETECTOR_FOLDER = "medmap"  # a model folder's MRI abnormality detector, if it has one
 VolumeLike = Volume | str | os.PathLike | tuple[np.ndarray, np.ndarray]
 Window = tuple[float, float]  # (centre, width) of a CT window, in place of the preset's
-TokenCallback = Callable[[str], None]
 GENERATION_DEFAULTS = {"report": REPORT_SETTINGS, "ask": ANSWER_SETTINGS}
 DETECTOR_TASKS = ("detect", "explain-score")  # tasks whose volumes the detector's preprocessing prepares
 
@@ -130,54 +128,6 @@ class _friendly_oom:
         return False
 
 
-def _frozen(array: np.ndarray) -> bool:
-    """Voxels that cannot change: the array and every array it views are read-only (the model
-    server's uploads, views of immutable bytes); a writable array may change in place."""
-    while isinstance(array, np.ndarray):
-        if array.flags.writeable:
-            return False
-        array = array.base
-    return True
-
-
-class _KnownVolumes:
-    """Cache keys of volumes met before, so that a follow-up does not read and hash them again:
-    files by (path, size, mtime), Volumes with frozen voxels by identity (weak references, so a
-    new object at a reused address is not mistaken for an old one)."""
-
-    def __init__(self, size: int = 1024) -> None:
-        self._keys: OrderedDict[tuple, tuple] = OrderedDict()
-        self._size = size
-
-    @staticmethod
-    def _identity(volume) -> tuple | None:
-        if isinstance(volume, (str, os.PathLike)):
-            file = file_version(volume)
-            return None if file is None else ("file", *file)
-        if isinstance(volume, Volume) and _frozen(volume.array):
-            return ("volume", id(volume), id(volume.array), volume.modality, volume.sequence,
-                    volume.affine.tobytes())
-        return None
-
-    def get(self, volume) -> tuple[tuple | None, str | None]:
-        identity = self._identity(volume)
-        entry = self._keys.get(identity) if identity is not None else None
-        if entry is not None and all(ref() is obj for ref, obj in zip(entry[1:], _referents(volume))):
-            self._keys.move_to_end(identity)
-            return identity, entry[0]
-        return identity, None
-
-    def put(self, identity: tuple, volume, key: str) -> None:
-        self._keys[identity] = (key, *(weakref.ref(obj) for obj in _referents(volume)))
-        while len(self._keys) > self._size:
-            self._keys.popitem(last=False)
-
-
-def _referents(volume) -> tuple:
-    """The objects whose identity a remembered key stands for (none for a file)."""
-    return (volume, volume.array) if isinstance(volume, Volume) else ()
-
-
 def _question(question: str | None) -> str:
     question = (question or "").strip()
     if not question:
@@ -206,9 +156,7 @@ class Pipeline:
         self.preprocess_config: PreprocessConfig = PRESETS[model.config.preprocess_preset]
         self.num_image_tokens: int = model.config.num_image_tokens
         self.stop_token_ids: list[int] = stop_token_ids(model, tokenizer)  # all the release lists, not only EOS
-        self._cache: OrderedDict[str, tuple[torch.Tensor, dict]] = OrderedDict()  # tokens, preprocessing applied
-        self._known = _KnownVolumes()  # a file or frozen Volume asked about again is not read and hashed again
-        self._cache_size = cache_size
+        self._tokens = Recent(cache_size)  # (digest, framing) -> (image tokens, preprocessing applied)
         self._lock = threading.Lock()  # one generation at a time on one model
 
     @property
@@ -224,14 +172,13 @@ class Pipeline:
         """'4bit' / '8bit' when the language model's decoder is quantized, else None."""
         return quantization_of(self.model)
 
+    def describe(self) -> dict:
+        return {"name": self.model_name, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "quantization": self.quantization, "capabilities": ["report", "ask", "explain", "view"]
+                + ["retrieve"] * (self.retrieval is not None) + ["detect"] * (self.detector is not None)}
+
     # ----- volumes and image tokens -------------------------------------------------------------
-    def as_volume(self, volume: VolumeLike) -> Volume:
-        if isinstance(volume, Volume):
-            return volume
-        if isinstance(volume, tuple):
-            array, affine = volume
-            return Volume(np.asarray(array), np.asarray(affine))
-        return read_volume(volume)
+    as_volume = staticmethod(as_volume)
 
     def pixels(self, volume: VolumeLike, region: Region | None = None, window: Window | None = None) -> torch.Tensor:
         """The model input (1, 1, D, H, W) for a volume (cropped to ``region``, in ``window``)."""
@@ -243,31 +190,6 @@ class Pipeline:
         image, done = prepare_input(self.as_volume(volume), self.preprocess_config, region, window, self.device)
         return image[None].to(self.dtype), done
 
-    def _cache_key(self, volume: Volume) -> str:
-        digest = hashlib.blake2b(digest_size=16)
-        array = volume.array
-        # Bytes in memory order: a NIfTI reader's Fortran-ordered array is hashed without a copy.
-        order = "F" if array.flags.f_contiguous and not array.flags.c_contiguous else "C"
-        array = array if array.flags[f"{order}_CONTIGUOUS"] else np.ascontiguousarray(array)
-        digest.update(str((array.shape, array.dtype.str, order, volume.modality, volume.sequence,
-                           self.preprocess_config)).encode())
-        digest.update(np.ascontiguousarray(volume.affine).tobytes())
-        digest.update(memoryview(array.reshape(-1, order=order)).cast("B"))
-        return digest.hexdigest()
-
-    def _key_of(self, volume: VolumeLike) -> tuple[str, Volume | None]:
-        """The cache key of a volume, and the volume if it had to be read: a file asked about
-        before (same size and modification time), or a Volume whose voxels are read-only, is not
-        read and hashed again."""
-        identity, key = self._known.get(volume)
-        if key is not None:
-            return key, None
-        loaded = self.as_volume(volume)
-        key = self._cache_key(loaded)
-        if identity is not None:
-            self._known.put(identity, volume, key)
-        return key, loaded
-
     def encode(self, volume: VolumeLike, region: Region | None = None, window: Window | None = None) -> torch.Tensor:
         """Image tokens (1, N, hidden) of a volume; computed once per volume content, region and
         window, and cached."""
@@ -275,26 +197,26 @@ class Pipeline:
 
     def _encoded(self, volume: VolumeLike, region: Region | None = None,
                  window: Window | None = None) -> tuple[torch.Tensor, dict]:
-        key, loaded = self._key_of(volume)
-        key += framing_key(region, window)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
-        loaded = loaded if loaded is not None else self.as_volume(volume)
-        with _friendly_oom("encoding the volume"), torch.inference_mode():
-            pixels, done = self._prepared(loaded, region, window)
-            tokens = self.model.encode_images(pixels)
-        self._cache[key] = tokens, done
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-        return self._cache[key]
+        """Tokens and preprocessing by the volume's digest (a file or frozen Volume asked about again
+        is not even read and hashed again: see volume_cache) and the framing."""
+        digest, loaded = known_volumes.digest(volume, self.as_volume)
+        key = digest + framing_key(region, window)
+        cached = self._tokens.get(key)
+        if cached is None:
+            loaded = loaded if loaded is not None else self.as_volume(volume)
+            with _friendly_oom("encoding the volume"), torch.inference_mode():
+                pixels, done = self._prepared(loaded, region, window)
+                cached = self.model.encode_images(pixels), done
+            self._tokens.put(key, cached)
+        return cached
 
     # ----- provenance ----------------------------------------------------------------------------
     def provenance(self, task: str, volume=None, *, region: Region | None = None, window: Window | None = None,
                    **settings) -> dict:
-        """How ``task`` ("report", "ask", "detect", "retrieve", "explain", "explain-score", "evaluate")
-        is done for ``volume`` (for the detector's tasks also a list or {sequence: volume} study) with these generation ``settings``
-        (as passed to report/ask): model, weights digest, package, device, precision,
+        """How ``task`` ("report", "ask", "detect", "retrieve", "explain", "explain-score", "view",
+        "evaluate") is done for ``volume`` (for the detector's tasks also a list or {sequence: volume}
+        study) with these generation ``settings`` (as passed to report/ask): model, weights digest,
+        package, device, precision,
         quantization, the preprocessing applied to each volume, generation settings, seed (see
         provenance.record). Plain JSON; callers add ``seconds``. Report and ask return text, so
         this is how their callers learn what produced it; a volume they encoded is not read,
@@ -530,12 +452,6 @@ class Pipeline:
     def retrieve(self, volume: VolumeLike, texts: Sequence[str]) -> list[tuple[int, float]]:
         """Rank ``texts`` for a volume: ``(index, score)`` best first, score = SigLIP match probability."""
         scores = self._similarity([volume], texts)[0]
-        return sorted(enumerate(scores.tolist()), key=lambda item: -item[1])
-
-    @torch.inference_mode()
-    def rank_volumes(self, text: str, volumes: Sequence[VolumeLike]) -> list[tuple[int, float]]:
-        """Rank ``volumes`` for a text (text-to-volume retrieval), best first."""
-        scores = self._similarity(volumes, [text])[:, 0]
         return sorted(enumerate(scores.tolist()), key=lambda item: -item[1])
 
     def _similarity(self, volumes: Sequence[VolumeLike], texts: Sequence[str]) -> torch.Tensor:

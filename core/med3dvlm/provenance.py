@@ -93,14 +93,14 @@ def now() -> str:
 
 
 def record(pipe, task: str, *, preprocessing: dict | None = None, generation: dict | None = None) -> dict:
-    """The provenance of ``task`` done by ``pipe`` (a Pipeline, or anything with its ``model_name``,
-    ``weights``, ``device``, ``dtype`` and ``quantization``), as plain JSON. ``preprocessing``:
-    the preset and what was applied to each volume; ``generation``: the settings used. Callers add
-    ``seconds``, the time taken."""
+    """The provenance of ``task`` done by ``pipe`` (a Pipeline, or anything with its ``describe()``
+    and ``weights``), as plain JSON. ``preprocessing``: the preset and what was applied to each
+    volume; ``generation``: the settings used. Callers add ``seconds``, the time taken."""
     torch = sys.modules.get("torch")  # not imported (a stand-in model): no deterministic kernels either
-    made = {"task": task, "package": f"med3dvlm {__version__}", "model": pipe.model_name,
-            "weights_blake2b": getattr(pipe, "weights", None), "device": str(pipe.device),
-            "dtype": str(pipe.dtype).replace("torch.", ""), "quantization": pipe.quantization,
+    about = pipe.describe()
+    made = {"task": task, "package": f"med3dvlm {__version__}", "model": about["name"],
+            "weights_blake2b": getattr(pipe, "weights", None), "device": about["device"],
+            "dtype": about["dtype"], "quantization": about["quantization"],
             "preprocessing": preprocessing, "generation": generation,
             "seed": _seed, "deterministic": bool(torch and torch.are_deterministic_algorithms_enabled()),
             "created": now()}

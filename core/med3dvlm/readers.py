@@ -61,6 +61,16 @@ def read_volume(
     return validate_volume(Volume(array, affine, modality, sequence, metadata, name))
 
 
+def as_volume(volume) -> Volume:
+    """A Volume as it is, an ``(array, affine)`` pair as a Volume, a path read (``read_volume``)."""
+    if isinstance(volume, Volume):
+        return volume
+    if isinstance(volume, tuple):
+        array, affine = volume
+        return Volume(np.asarray(array), np.asarray(affine))
+    return read_volume(volume)
+
+
 @contextmanager
 def _reading(name: str, problem: str = "is truncated or corrupt") -> Iterator[None]:
     """Turns whatever a library raises on bad bytes into one sentence naming the file."""

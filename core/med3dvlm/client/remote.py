@@ -16,62 +16,66 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 
-import numpy as np
-
 from .. import prompts
+from ..answerer import TokenCallback
 from ..cancel import Cancelled, CancelToken
 from ..detection_result import DetectionResult
 from ..errors import Med3DVLMError
 from ..explained import Evidence, ModelView
-from ..readers import file_version, read_volume
+from ..readers import as_volume
 from ..volume import Volume
+from ..volume_cache import known_volumes
 from . import tasks
 from .transport import Server, run
 
-TokenCallback = Callable[[str], None]
-Job = Callable[[list[str], Callable[[dict], None]], object]  # (digests, on_event) -> the job's task
+Job = Callable[[list[str], tasks.EventCallback], object]  # (digests, on_event) -> the job's task
 
 
 class RemotePipeline:
+    """The methods of :class:`med3dvlm.answerer.Answerer`, answered by a model server."""
+
     def __init__(self, url: str, token: str | None = None, ca_file: str | None = None) -> None:
         self.server = Server(url, token, ca_file)
-        self._files: dict[tuple, str] = {}  # file_version -> digest
         self.last_provenance: dict | None = None  # what produced the last answer (model, weights, settings)
         self._info = self.info()
 
     def info(self) -> dict:
         """The server's model, device, precision, state (loading, ready, failed) and limits."""
-        return run(tasks.get_json(self.server, "/info"))
+        return run(tasks.info(self.server))
 
     @property
     def model_name(self) -> str:
         return self._info["model"]
 
+    def describe(self) -> dict:
+        self._info = self.info()
+        return {"name": self.model_name, **{key: self._info.get(key) for key in
+                                            ("device", "dtype", "quantization", "capabilities")}}
+
     def __repr__(self) -> str:
         return f"RemotePipeline({self.server.url!r}, model={self.model_name!r})"
+
+    def provenance(self, task: str, volume=None, **settings) -> dict:
+        """What produced the last answer, as the server recorded it with that answer (so ``task``,
+        ``volume`` and ``settings`` are those of the last request; the server's time included)."""
+        if self.last_provenance is None:
+            raise Med3DVLMError("The server has not answered this client yet; its record comes with each answer.")
+        return self.last_provenance
 
     # ----- volumes ---------------------------------------------------------------------------
     def encode(self, volume) -> str:
         """Make sure the server has the volume (upload it once); returns its digest. The server
         encodes it with the first request about it and keeps the image tokens for the next."""
-        return run(self._digest(volume))
+        return run(self._send(volume))
 
-    def _digest(self, volume):
-        if isinstance(volume, (str, os.PathLike)):
-            key = file_version(volume)
-            digest = yield from tasks.ensure_volume(self.server, lambda: read_volume(volume), self._files.get(key))
-            if key is not None:
-                self._files[key] = digest
-            return digest
-        if isinstance(volume, tuple):
-            volume = Volume(np.asarray(volume[0]), np.asarray(volume[1]))
-        if not isinstance(volume, Volume):
+    def _send(self, volume):
+        if not isinstance(volume, (str, os.PathLike, tuple, Volume)):
             raise Med3DVLMError(f"Pass a Volume, a file path or (array, affine), not {type(volume).__name__}.")
-        return (yield from tasks.ensure_volume(self.server, lambda: volume))
+        return (yield from tasks.send_volume(self.server, tasks.Loaded(volume, as_volume), known_volumes))
 
     # ----- jobs --------------------------------------------------------------------------------
     def _events(self, volumes: list, job: Job, cancel: CancelToken | None) -> Iterator[dict]:
-        """The job's events about ``volumes`` (uploaded first, unless the server has them) as they
+        """The job's events about ``volumes`` (sent first, unless the server has them) as they
         arrive, ending with ``done``; Stop (``cancel``) asks the server to stop, and an abandoned
         iterator closes the connection, which stops it too."""
         pending: deque[dict] = deque()
@@ -79,7 +83,7 @@ class RemotePipeline:
         def task():
             digests = []
             for volume in volumes:
-                digests.append((yield from self._digest(volume)))
+                digests.append((yield from self._send(volume)))
             return (yield from job(digests, pending.append))
 
         running, job_id, asked = task(), None, False
@@ -103,13 +107,6 @@ class RemotePipeline:
             if wait is not None:
                 wait.ready(0.05)
 
-    def _post(self, path: str, payload: dict, single: bool = True) -> Job:
-        """A job posting ``payload`` (with its volume's digest, or its volumes' with ``single`` False)."""
-        def job(digests, on_event):
-            body = {"volume": digests[0]} if single else {"volumes": digests}
-            return tasks.job(self.server, path, {**body, **payload}, on_event)
-        return job
-
     def _text(self, volume, job: Job, on_token: TokenCallback | None, cancel) -> str:
         final = {}
         for event in self._events([volume], job, cancel):
@@ -129,33 +126,32 @@ class RemotePipeline:
             pass
         return final
 
-    def _report(self, instruction, region, window, settings) -> Job:
-        return self._post("/report", {"instruction": instruction, "generation": settings,
-                                      **tasks.framing(region, window)})
+    def _report(self, instruction: str, settings: dict, region, window) -> Job:
+        return lambda digests, on_event: tasks.report(self.server, digests[0], on_event, instruction=instruction,
+                                                      generation=settings, region=region, window=window)
 
-    def _ask(self, question, history, choices, region, window, settings) -> Job:
+    def _ask(self, question: str, history, choices, settings: dict, region, window) -> Job:
         if not (question or "").strip():
             raise Med3DVLMError("The question is empty; type a question about the volume.")
-        return self._post("/ask", {"question": question, "history": [list(turn) for turn in history],
-                                   "choices": list(choices) if choices else None, "generation": settings,
-                                   **tasks.framing(region, window)})
+        return lambda digests, on_event: tasks.ask(self.server, digests[0], question, on_event, history=history,
+                                                   choices=choices, generation=settings, region=region, window=window)
 
     def report(self, volume, *, instruction: str = prompts.REPORT_PROMPT, on_token: TokenCallback | None = None,
                cancel: CancelToken | None = None, region=None, window=None, **settings) -> str:
-        return self._text(volume, self._report(instruction, region, window, settings), on_token, cancel)
+        return self._text(volume, self._report(instruction, settings, region, window), on_token, cancel)
 
     def ask(self, volume, question: str, *, history: Sequence[tuple[str, str]] = (),
             choices: Sequence[str] | None = None, on_token: TokenCallback | None = None,
             cancel: CancelToken | None = None, region=None, window=None, **settings) -> str:
-        return self._text(volume, self._ask(question, history, choices, region, window, settings), on_token, cancel)
+        return self._text(volume, self._ask(question, history, choices, settings, region, window), on_token, cancel)
 
     def stream_report(self, volume, *, instruction: str = prompts.REPORT_PROMPT, cancel=None, region=None,
                       window=None, **settings):
-        return self._stream(volume, self._report(instruction, region, window, settings), cancel)
+        return self._stream(volume, self._report(instruction, settings, region, window), cancel)
 
     def stream_ask(self, volume, question: str, *, history=(), choices=None, cancel=None, region=None, window=None,
                    **settings):
-        return self._stream(volume, self._ask(question, history, choices, region, window, settings), cancel)
+        return self._stream(volume, self._ask(question, history, choices, settings, region, window), cancel)
 
     def report_batch(self, volumes: Sequence, *, batch_size: int = 1, progress: Callable[[int], None] | None = None,
                      **settings) -> list[str]:
@@ -171,12 +167,13 @@ class RemotePipeline:
         """MRI abnormality scores for a volume, a list of volumes or a ``{sequence: volume}`` study
         (or for ``region`` of it: two opposite corners in RAS mm)."""
         sequences, volumes = _study(volume_or_study)
-        final = self._final(volumes, self._post("/detect", {"sequences": sequences, **tasks.framing(region)},
-                                                single=False))
+        final = self._final(volumes, lambda digests, on_event: tasks.detect(self.server, digests, on_event,
+                                                                            sequences=sequences, region=region))
         return DetectionResult.from_dict(final["detection"])
 
     def retrieve(self, volume, texts: Sequence[str]) -> list[tuple[int, float]]:
-        final = self._final([volume], self._post("/retrieve", {"texts": list(texts)}))
+        final = self._final([volume], lambda digests, on_event: tasks.retrieve(self.server, digests[0], texts,
+                                                                               on_event))
         return [(int(index), float(score)) for index, score in final["ranking"]]
 
     # ----- what the model saw, and where its answers came from -------------------------------------
@@ -188,7 +185,7 @@ class RemotePipeline:
         final = self._final([volume], lambda digests, on_event: tasks.explain(
             self.server, digests[0], on_event, question=question, answer=answer, history=history, choices=choices,
             region=region, window=window, method=method, samples=samples), cancel)
-        return _evidence(final)
+        return _evidence(_found(final))
 
     def explain_detection(self, volume_or_study, label: str, region=None, *, method: str = "smoothgrad",
                           samples: int = 8, cancel: CancelToken | None = None) -> dict[str, Evidence]:
@@ -197,7 +194,7 @@ class RemotePipeline:
         final = self._final(volumes, lambda digests, on_event: tasks.explain_score(
             self.server, digests, label, on_event, sequences=sequences, region=region, method=method,
             samples=samples), cancel)
-        return {sequence: _evidence({"evidence": found}) for sequence, found in _found(final).items()}
+        return {sequence: _evidence(found) for sequence, found in _found(final).items()}
 
     def model_view(self, volume, region=None, window=None) -> ModelView:
         """As ``Pipeline.model_view``: what the server's model receives from the volume, over the scan."""
@@ -224,8 +221,7 @@ def _found(final: dict) -> dict:
     return final["evidence"]
 
 
-def _evidence(final: dict) -> Evidence:
-    found = _found(final)
+def _evidence(found: dict) -> Evidence:
     return Evidence.from_dict(found, found["map"])
 
 

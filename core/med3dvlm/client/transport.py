@@ -18,7 +18,7 @@ import select
 import socket
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -26,7 +26,7 @@ import h11
 
 from .. import __version__
 from ..errors import Med3DVLMError
-from ..server.config import is_loopback
+from ..wire import is_loopback
 
 PIECE = 1 << 20  # body bytes handed to h11 at a time
 CONNECT_TIMEOUT = 10.0
@@ -146,8 +146,11 @@ def advance(task, budget: float = 0.008) -> tuple[bool, object]:
 
 
 def exchange(server: Server, method: str, target: str, *, headers: Sequence[tuple[str, str]] = (),
-             body: Sequence[bytes | memoryview] = (), on_line: Callable[[dict], None] | None = None):
-    """Task: one request, its response. With ``on_line``, a 200 response's body is read as JSON
+             body: Iterable[bytes | memoryview] = (), length: int | None = None,
+             on_line: Callable[[dict], None] | None = None):
+    """Task: one request, its response. ``body`` may be produced while it is sent (a generator, with
+    its ``length`` given); an exception it raises abandons the request, and the server sees the
+    connection close before the body's end. With ``on_line``, a 200 response's body is read as JSON
     lines and each is passed on as it arrives (the body is then not kept)."""
     sock = yield from _connect(server)
     try:
@@ -156,13 +159,14 @@ def exchange(server: Server, method: str, target: str, *, headers: Sequence[tupl
         if server.token:
             head.append(("Authorization", f"Bearer {server.token}"))
         if method in ("POST", "PUT"):
-            head.append(("Content-Length", str(sum(len(piece) for piece in body))))
+            head.append(("Content-Length", str(length if length is not None else sum(len(p) for p in body))))
         try:
             yield from _send(sock, conn.send(h11.Request(method=method, target=server.prefix + target, headers=head)))
             for piece in body:
                 view = memoryview(piece).cast("B")
                 for start in range(0, len(view), PIECE):
                     yield from _send(sock, conn.send(h11.Data(data=view[start:start + PIECE])))
+                    yield None  # a bounded step: a GUI timer may end its tick here
             conn.send(h11.EndOfMessage())
         except OSError:
             pass  # the server may have answered already (413) and closed: read what it said
@@ -236,6 +240,8 @@ def _receive(sock, conn: h11.Connection, on_line):
                 yield Wait(sock, write=True)
             except OSError as error:
                 raise ConnectionLost(f"The connection to the model server broke ({error}).") from None
+            else:
+                yield None  # a bounded step: a GUI timer may end its tick here
         elif isinstance(event, h11.Response):
             response = Response(event.status_code, {k.decode().lower(): v.decode() for k, v in event.headers})
         elif isinstance(event, h11.Data):

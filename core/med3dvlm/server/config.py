@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..wire import is_loopback
 
 MiB = 1 << 20
 TOKEN_ENV = "MED3DVLM_TOKEN"
@@ -25,15 +26,6 @@ class ServerConfig:
 
 def human_size(nbytes: float) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / MiB:.1f} MiB"
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def resolve_token(host: str, token_file: str | None = None) -> tuple[str | None, bool]:

@@ -20,11 +20,12 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from ..answerer import Answerer
 from ..cancel import CancelToken
 from ..errors import Med3DVLMError, Med3DVLMWarning
 
 log = logging.getLogger("med3dvlm.server")
-Work = Callable[[Any, "Job"], dict]  # (pipeline, job) -> result fields of the "done" event
+Work = Callable[[Answerer, "Job"], dict]  # (pipeline, job) -> result fields of the "done" event
 
 
 class QueueFull(Med3DVLMError):
@@ -47,9 +48,9 @@ class Job:
 
 
 class JobQueue:
-    def __init__(self, load: Callable[[], Any], max_waiting: int = 32) -> None:
+    def __init__(self, load: Callable[[], Answerer], max_waiting: int = 32) -> None:
         self.max_waiting = max_waiting
-        self.pipeline = None
+        self.pipeline: Answerer | None = None
         self.state = "loading"  # -> "ready" or "failed"
         self.load_error: str | None = None
         self._load = load
@@ -70,12 +71,8 @@ class JobQueue:
         return self._running is not None
 
     def model(self) -> dict | None:
-        """What answers: model name, device, precision, quantization (None until loaded)."""
-        pipeline = self.pipeline
-        if pipeline is None:
-            return None
-        return {"name": pipeline.model_name, "device": str(pipeline.device),
-                "dtype": str(pipeline.dtype).replace("torch.", ""), "quantization": pipeline.quantization}
+        """What answers (Answerer.describe: name, device, precision...); None until loaded."""
+        return self.pipeline.describe() if self.pipeline is not None else None
 
     def submit(self, job: Job) -> None:
         with self._wake:

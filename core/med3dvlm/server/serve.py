@@ -16,7 +16,8 @@ import sys
 import threading
 from pathlib import Path
 
-from .config import ServerConfig, is_loopback
+from ..wire import is_loopback
+from .config import ServerConfig
 
 
 def serve(load, config: ServerConfig, *, host: str, port: int, model_label: str, ready_file: str | None = None,

@@ -8,7 +8,8 @@ from collections import OrderedDict
 
 from ..validation import validate_volume
 from ..volume import Volume
-from .protocol import inflate_steps, run_steps, volume_digest, volume_from_bytes, voxel_bytes
+from ..volume_cache import identity, known_volumes
+from ..wire import inflate_steps, run_steps, volume_digest, volume_from_bytes, voxel_bytes
 
 
 class UploadError(ValueError):
@@ -34,6 +35,7 @@ def decode_upload(digest: str, header: dict, body: bytes, encoding: str) -> Volu
         raise UploadError("The volume's content does not match its digest; the upload was corrupted.")
     volume.source = f"volume {digest[:8]}"  # names it in messages without any patient data
     validate_volume(volume)  # VolumeError: 2D, constant, NaN... refused at once, not at the first question
+    known_volumes.put(identity(volume), digest)  # its voxels are frozen: the pipeline need not hash them again
     return volume
 
 

@@ -14,7 +14,7 @@ from ...model_input import parse_window
 from ...region import crop_to_region, parse_region
 from ...volume import Volume
 from ..jobs import Job, QueueFull, Work
-from ..protocol import EVENTS_MEDIA_TYPE, event_line, is_digest, volume_digest
+from ...wire import EVENTS_MEDIA_TYPE, FINAL_EVENTS, event_line, is_digest, volume_digest
 
 Digest = Field(pattern=r"^[0-9a-f]{32}$", description="content digest of an uploaded volume")
 Corner = tuple[float, float, float]
@@ -90,10 +90,10 @@ async def _events(job: Job) -> AsyncIterator[bytes]:
     try:
         while True:
             batch = [await job.events.get()]
-            while batch[-1]["event"] not in ("done", "error") and not job.events.empty():
+            while batch[-1]["event"] not in FINAL_EVENTS and not job.events.empty():
                 batch.append(job.events.get_nowait())  # tokens that came meanwhile: one write
             yield b"".join(event_line(**event) for event in batch)
-            if batch[-1]["event"] in ("done", "error"):
+            if batch[-1]["event"] in FINAL_EVENTS:
                 return
     finally:  # normal end: a no-op; disconnect: Starlette cancels this generator, and the job stops
         job.cancel.cancel()

@@ -17,16 +17,13 @@ async def health() -> dict:
 
 @router.get("/info", dependencies=[Depends(require_token)])
 async def info(request: Request) -> dict:
-    jobs, config = request.app.state.jobs, request.app.state.config
-    pipeline, store = jobs.pipeline, request.app.state.volumes
+    jobs, config, store = request.app.state.jobs, request.app.state.config, request.app.state.volumes
     answer = {"version": __version__, "state": jobs.state, "error": jobs.load_error,
               "model": request.app.state.model_label, "busy": jobs.busy, "waiting": jobs.waiting,
               "volumes": len(store), "uploads": store.uploads,
               "limits": {"max_volume_bytes": config.max_volume_bytes, "max_request_bytes": config.max_request_bytes,
                          "server_paths": config.allowed_folder is not None}}
-    if pipeline is not None:
-        model = jobs.model()
-        answer.update(model=model.pop("name"), **model,
-                      capabilities=["report", "ask"] + ["retrieve"] * (pipeline.retrieval is not None)
-                      + ["detect"] * (pipeline.detector is not None))
+    model = jobs.model()
+    if model is not None:
+        answer.update(model=model.pop("name"), **model)
     return answer

@@ -1,5 +1,5 @@
 """GET /results/{digest}: a volume a job made (an evidence map, the model's view), named by the
-digest its ``done`` event gave, in the form volumes are uploaded in (protocol.py): the header in
+digest its ``done`` event gave, in the form volumes are uploaded in (med3dvlm.wire): the header in
 ``X-Med3DVLM-Volume``, the voxels as raw bytes, deflated when the client accepts it
 (``Accept-Encoding: deflate``, as remote clients send). A result is kept until newer ones need
 the room (``max_result_bytes``); the client checks it against its digest."""
@@ -13,15 +13,14 @@ from fastapi.concurrency import run_in_threadpool
 
 from ...volume import Volume
 from ..auth import require_token
-from ..protocol import VOLUME_HEADER, header_text, is_digest, wire_form
+from ...wire import VOLUME_HEADER, header_text, is_digest, wire_chunks, wire_header
 
 router = APIRouter(dependencies=[Depends(require_token)])
 
 
 def _body(volume: Volume, deflate: bool) -> tuple[dict, bytes]:
-    header, array = wire_form(volume)
-    data = array.tobytes(order="A")
-    return header, zlib.compress(data, 1) if deflate else data
+    data = b"".join(wire_chunks(volume))
+    return wire_header(volume), zlib.compress(data, 1) if deflate else data
 
 
 @router.get("/results/{digest}")

@@ -6,12 +6,13 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
+from starlette.requests import ClientDisconnect
 
 from ...errors import VolumeError
 from ...readers import read_volume
+from ...wire import VOLUME_HEADER, is_digest, parse_header, volume_digest, voxel_bytes
 from ..auth import require_token
 from ..config import human_size
-from ..protocol import VOLUME_HEADER, is_digest, parse_header, volume_digest, voxel_bytes
 from ..volumes import UploadError, decode_upload
 
 router = APIRouter(dependencies=[Depends(require_token)])
@@ -42,7 +43,10 @@ async def upload(digest: str, request: Request) -> dict:
     encoding = request.headers.get("content-encoding", "identity")
     if encoding not in ("identity", "deflate"):
         raise HTTPException(415, f"Content-Encoding {encoding!r} is not accepted; send identity or deflate.")
-    body = await request.body()  # its length was checked against the limit before it was read
+    try:
+        body = await request.body()  # its length was checked against the limit before it was read
+    except ClientDisconnect:  # the client stopped sending (its volume changed meanwhile, or Stop)
+        raise HTTPException(400, "The upload ended before all of the volume arrived.") from None
     try:
         volume = await run_in_threadpool(decode_upload, digest, header, body, encoding)
     except UploadError as error:

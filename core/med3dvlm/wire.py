@@ -1,48 +1,84 @@
 """What the model server and its clients agree on: how a volume travels and how a job answers.
+Both sides import this module and nothing else of each other.
 
 A volume travels once. Its header (shape, dtype, memory order, affine, modality, sequence: no
 names, no patient data) goes as JSON in the ``X-Med3DVLM-Volume`` request header, its voxels as
 the raw bytes of the array in memory order, deflated for a remote server. Both sides name the
 volume by the same content digest, so a client that sent a volume once sends only its digest
-afterwards. Jobs answer with newline-delimited JSON events (``application/x-ndjson``):
-``queued`` (place in line), ``status`` (loading, encoding, generating), ``token``, then one
-``done`` (the result) or ``error`` (one sentence). This module imports numpy only: the Slicer
-side uses it.
+afterwards (the same digest keys the pipeline's token cache). Jobs answer with newline-delimited
+JSON events (``application/x-ndjson``): ``queued`` (``id``, place in line), ``status`` (loading,
+encoding, generating), ``token`` (``text``, ``n`` tokens so far), then one ``done`` (the result)
+or ``error`` (one sentence). This module imports numpy only: the Slicer side uses it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import zlib
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import numpy as np
 
-from ..volume import MODALITIES, MR_SEQUENCES, Volume
+from .volume import MODALITIES, MR_SEQUENCES, Volume
 
 VOLUME_HEADER = "X-Med3DVLM-Volume"
 EVENTS_MEDIA_TYPE = "application/x-ndjson"
 DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
 CHUNK = 1 << 20  # bytes hashed or deflated per step: ~1 ms, so a UI can interleave its own work
 DIGEST_LENGTH = 32  # hex characters (BLAKE2b, 16 bytes)
+FINAL_EVENTS = ("done", "error")  # a job's last event
 
 
-def wire_form(volume: Volume) -> tuple[dict[str, Any], np.ndarray]:
-    """The volume's header and its voxels as a contiguous little-endian array (no copy when the
-    array already is contiguous, as arrays from nibabel and from Slicer nodes are)."""
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def wire_dtype(dtype: np.dtype) -> np.dtype:
+    """The type voxels travel as: their own (little-endian), or the nearest one the server accepts
+    (bool, float16, int64...)."""
+    if dtype.name not in DTYPES:
+        dtype = np.dtype(np.float32 if dtype.kind == "f" else np.int32)
+    return dtype.newbyteorder("<")
+
+
+def wire_header(volume: Volume) -> dict[str, Any]:
+    """The volume's header; its voxels travel in the memory order of its array (Fortran order for
+    nibabel's arrays and Slicer's, which are read without copying)."""
     array = volume.array
-    if array.dtype.name not in DTYPES:  # bool, float16, int64...: the nearest type the server accepts
-        array = array.astype(np.float32 if array.dtype.kind == "f" else np.int32)
-    array = array.astype(array.dtype.newbyteorder("<"), copy=False)
-    if not (array.flags.c_contiguous or array.flags.f_contiguous):
-        array = np.ascontiguousarray(array)
-    fortran = not array.flags.c_contiguous
-    header = {"shape": [int(d) for d in array.shape], "dtype": array.dtype.name, "fortran_order": fortran,
-              "affine": np.asarray(volume.affine, dtype=np.float64).tolist(), "modality": volume.modality,
-              "sequence": volume.sequence}
-    return header, array
+    return {"shape": [int(d) for d in array.shape], "dtype": wire_dtype(array.dtype).name,
+            "fortran_order": bool(array.flags.f_contiguous and not array.flags.c_contiguous),
+            "affine": np.asarray(volume.affine, dtype=np.float64).tolist(), "modality": volume.modality,
+            "sequence": volume.sequence}
+
+
+def wire_chunks(volume: Volume, check: Callable[[], None] = lambda: None) -> Iterator[memoryview]:
+    """The voxels' bytes as they travel (:func:`wire_header`'s type and order), about CHUNK at a time.
+    A contiguous array of a type the server accepts is read in place; any other is converted a slab
+    at a time, so that no step costs more than one chunk. ``check()`` runs before each chunk is
+    read: it raises when the voxels may have changed under the reader (a Slicer node edited)."""
+    array, header = volume.array, wire_header(volume)
+    dtype, order = np.dtype(header["dtype"]).newbyteorder("<"), "F" if header["fortran_order"] else "C"
+    if array.dtype == dtype and array.flags[f"{order}_CONTIGUOUS"]:
+        flat = memoryview(array.reshape(-1, order=order)).cast("B")
+        for start in range(0, len(flat), CHUNK):
+            check()
+            yield flat[start:start + CHUNK]
+        return
+    axis = array.ndim - 1 if order == "F" else 0  # the slowest axis in that order
+    count = array.shape[axis]
+    step = max(1, CHUNK * count // max(1, array.size * dtype.itemsize))  # slices per chunk
+    for start in range(0, count, step):
+        check()
+        part = array[(slice(None),) * axis + (slice(start, start + step),)]
+        yield memoryview(np.asarray(part, dtype=dtype, order=order).reshape(-1, order=order)).cast("B")
 
 
 def header_text(header: dict[str, Any]) -> str:
@@ -84,20 +120,12 @@ def volume_from_bytes(header: dict[str, Any], data: bytes | bytearray) -> Volume
     return Volume(array, np.asarray(header["affine"]), modality=header["modality"], sequence=header["sequence"])
 
 
-def raw_chunks(array: np.ndarray) -> Iterator[memoryview]:
-    """The array's bytes in memory order, CHUNK at a time, without copying."""
-    flat = memoryview(array.reshape(-1, order="A")).cast("B")
-    for start in range(0, len(flat), CHUNK):
-        yield flat[start:start + CHUNK]
-
-
-def digest_steps(volume: Volume):
+def digest_steps(volume: Volume, check: Callable[[], None] = lambda: None):
     """Generator form of :func:`volume_digest`: yields None after each chunk (so that a UI timer can
-    spread the work over its ticks) and returns the digest."""
-    header, array = wire_form(volume)
+    spread the work over its ticks) and returns the digest; ``check`` as for :func:`wire_chunks`."""
     hasher = hashlib.blake2b(digest_size=DIGEST_LENGTH // 2, person=b"med3dvlm-vol1")
-    hasher.update(header_text(header).encode())
-    for chunk in raw_chunks(array):
+    hasher.update(header_text(wire_header(volume)).encode())
+    for chunk in wire_chunks(volume, check):
         hasher.update(chunk)
         yield None
     return hasher.hexdigest()
