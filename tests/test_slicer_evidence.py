@@ -5,15 +5,20 @@ the scan (also under a parent transform), and is saved with the scene and reload
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
-from qtpy.QtCore import QSettings
+from qtpy.QtCore import QSettings, Qt
+from qtpy.QtGui import QTextCursor
 from vtkmodules.vtkCommonMath import vtkMatrix4x4
 
 import med3dvlm
 from med3dvlm.resources import sample_path
 from server_process import start_server
 from SlicerMed3DVLMLib import evidence_nodes, score_table, text_nodes
+from SlicerMed3DVLMLib.chat_panel import ChatPanel
+from SlicerMed3DVLMLib.controller import ChatController
 from SlicerMed3DVLMLib.logic import Med3DVLMLogic
 from SlicerMed3DVLMLib.overlays import OVERLAY
 from SlicerMed3DVLMLib.volume_node import ijk_to_ras, read_volume_node, volume_from_node
@@ -270,3 +275,104 @@ def _near(volume, region, margin=10.0) -> np.ndarray:
     inside = np.zeros(volume.shape, bool)
     inside[tuple(slice(int(max(a, 0)), int(b)) for a, b in zip(start, stop))] = True
     return inside
+
+
+# ----- the panel (real Qt: PySide6 offscreen) -------------------------------------------------------
+@pytest.fixture
+def panel_on(qtbot, make_logic):
+    def make(scene):
+        """(panel, logic) on ``scene``, as the module's widget builds them (plain combos for selectors)."""
+        logic = make_logic(scene)
+        panel = ChatPanel()
+        qtbot.addWidget(panel)
+        panel.show()
+        ChatController(panel, logic)
+        return panel, logic
+    return make
+
+
+def choose(combo, node) -> None:
+    combo.setCurrentIndex(combo.findData(node.GetID() if node is not None else ""))
+
+
+def click_link(qtbot, panel, text: str) -> None:
+    """Follow the chat's last link by keyboard, as a user can: Shift+Tab from the end, then Enter."""
+    panel.view.setFocus()
+    panel.view.moveCursor(QTextCursor.End)
+    qtbot.keyClick(panel.view, Qt.Key_Backtab)
+    assert panel.view.textCursor().selectedText() == text
+    qtbot.keyClick(panel.view, Qt.Key_Return)
+
+
+def test_the_panel_shows_evidence_from_an_answer_and_the_models_view(qtbot, slicer_scene, panel_on):
+    scene = slicer_scene()
+    scan = read_volume_node(scene, CT, "CT sample")
+    scan.CreateDefaultDisplayNodes()
+    scan.GetDisplayNode().AutoWindowLevelOff()
+    scan.GetDisplayNode().SetWindowLevel(300, 60)  # what the user set in the slice views
+    panel, logic = panel_on(scene)
+    panel.window_check.setChecked(True)
+    qtbot.keyClicks(panel.question_box, "Which organ has a cyst?")
+    qtbot.keyClick(panel.question_box, Qt.Key_Return)
+    qtbot.waitUntil(lambda: not logic.busy, timeout=60_000)
+    shown = panel.view.toPlainText()
+    assert "window L60/W300" in shown and "Show evidence" in shown  # the answer says what it was about
+    assert "Note" in shown and "trained with the fixed CT window" in shown  # and the server's warning
+
+    click_link(qtbot, panel, "Show evidence")
+    qtbot.waitUntil(lambda: not logic.busy, timeout=60_000)
+    assert "the window L60/W300 shows it intensities" in panel.status_label.text()  # the answer's window, again
+    (made,) = [n for n in _nodes(scene, "vtkMRMLScalarVolumeNode") if n.GetAttribute(OVERLAY) == "evidence"]
+    assert foregrounds(scene) == {(scan.GetID(), made.GetID(), evidence_nodes.OPACITY)}
+    click_link(qtbot, panel, "Show evidence")  # again: the same map, at once
+    assert panel.status_label.text() == f"Shown again over the scan: {made.GetName()}." and not logic.busy
+
+    panel.window_check.setChecked(False)
+    qtbot.mouseClick(panel.model_view_button, Qt.LeftButton)
+    assert not panel.model_view_button.isEnabled()  # busy: the work runs in the server, not here
+    qtbot.waitUntil(lambda: not logic.busy, timeout=60_000)
+    assert panel.status_label.text() == "Done: the model's input and its box are shown over the scan."
+    (view,) = [n for n in _nodes(scene, "vtkMRMLScalarVolumeNode") if n.GetAttribute(OVERLAY) == "model view"]
+    assert foregrounds(scene) == {(scan.GetID(), view.GetID(), 1.0)}
+    assert text_nodes.provenance(view)["preprocessing"]["volumes"][0]["window"] == [40.0, 400.0]  # the model's
+
+
+def test_the_panel_shows_the_evidence_of_a_selected_score(qtbot, slicer_scene, panel_on):
+    scene = slicer_scene()
+    scan = read_volume_node(scene, MR, "mr_phantom_t2")
+    panel, logic = panel_on(scene)
+    qtbot.mouseClick(panel.detect_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not logic.busy, timeout=60_000)
+    qtbot.mouseClick(panel.score_evidence_button, Qt.LeftButton)
+    assert panel.status_label.text() == "Select a score in the table first, then press Show evidence."
+    panel.scores_table.selectRow(1)
+    qtbot.mouseClick(panel.score_evidence_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not logic.busy, timeout=60_000)
+    row = score_table.read_scores(score_table.find_table(scene, scan)).rows[1]
+    (made,) = [n for n in _nodes(scene, "vtkMRMLScalarVolumeNode") if n.GetAttribute(OVERLAY) == "evidence"]
+    assert made.GetName() == f"mr_phantom_t2 evidence: {row.abnormality} in the {row.organ}"
+
+
+@pytest.mark.parametrize("roi, sentence", [
+    (None, r"^The region 'R' is empty \(it has not been placed, or has no size\); place it over the scan in a "
+           r"slice view and drag its handles open\.$"),
+    (((0, 0, 0), (0, 40, 40)), r"^The region 'R' is empty \(it has not been placed, or has no size\);"),
+    (((900, 900, 900), (50, 50, 50)), r"^The region \(R 875 to 925, .*\) lies outside volume \w+, which spans .* mm\.$"),
+    (((0, 0, 0), (6, 6, 6)), r"^The region is too small for the model's 32 x 128 x 128 input, .*; draw a larger box\.$"),
+])
+def test_a_region_the_model_cannot_use_is_one_sentence_in_the_panel(qtbot, slicer_scene, panel_on, roi, sentence):
+    scene = slicer_scene()
+    scan = read_volume_node(scene, CT, "CT sample")
+    if roi is None:
+        region = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "R")  # made, never placed
+    else:
+        offset = np.array(voxel_centre(scan, (80, 80, 24))) * (np.abs(roi[0]) < 500)  # inside, or far outside
+        region = place_roi(scene, np.array(roi[0]) + offset, roi[1])
+    panel, logic = panel_on(scene)
+    choose(panel.region_selector, region)
+    qtbot.mouseClick(panel.report_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not logic.busy, timeout=60_000)
+    message = panel.status_label.text()
+    assert re.match(sentence, message) and "\n" not in message
+    assert panel.view.toPlainText().endswith(message) and "Error" in panel.view.toPlainText()  # in the chat too
+    assert not text_nodes.records(scene, scan)  # nothing half-made is left in the scene

@@ -16,8 +16,9 @@ def region_of(node) -> Corners:
     name = node.GetName()
     if not node.IsA("vtkMRMLMarkupsROINode"):
         raise RegionError(f"'{name}' is not a Markups ROI; choose an ROI as the region, or none for the whole volume.")
-    if node.GetNumberOfControlPoints() == 0:
-        raise RegionError(f"The region '{name}' has not been placed yet; place it over the scan in a slice view first.")
+    if min(node.GetSize()) <= 0:  # never placed, or placed without dragging it open
+        raise RegionError(f"The region '{name}' is empty (it has not been placed, or has no size); place it over "
+                          "the scan in a slice view and drag its handles open.")
     bounds = [0.0] * 6
     node.GetRASBounds(bounds)
     return (bounds[0], bounds[2], bounds[4]), (bounds[1], bounds[3], bounds[5])
