@@ -342,7 +342,8 @@ class ChatPanel(QWidget):
             self._explainable = set(explainable)
         self._streaming = streaming and bool(turns)
         done = turns[:-1] if self._streaming else turns
-        parts = [_turn_html(t, markdown_to_html(t.text), t.time in self._explainable) for t in done]
+        parts = [_turn_html(t, markdown_to_html(t.text), t.role == "model" and t.time in self._explainable)
+                 for t in done]
         if self._streaming:  # raw text while streaming: the last block is where new text goes
             parts.append(_turn_html(turns[-1], f"<p>{html.escape(turns[-1].text).replace(chr(10), '<br>')}</p>"))
         self.view.setHtml("".join(parts))
