@@ -45,7 +45,7 @@ def tiny_language_stage(ct_dataset, tmp_path_factory):
                      tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     model = build_vlm(tokenizer, DCFormerConfig.preset("nano", input_size=(32, 128, 128)), lm, "demo",
-                      prompt_style="exact", low_output_size=(8, 8), high_output_size=(4, 8))
+                      prompt_style="exact", low_output_size=(8, 24), high_output_size=(4, 8))
     features = oracle_features([ct_dataset], model.config.num_image_tokens, 64)
     n = model.config.num_image_tokens
     run = vlm_stage(model, features, caption_examples(caps, n) + vqa_examples(vqas, n), tokenizer,

@@ -77,7 +77,9 @@ class OraclePipeline(Pipeline):
         super().__init__(model, tokenizer, name="oracle tokens")
         self.tokens = tokens
 
-    def encode(self, volume) -> torch.Tensor:
+    def encode(self, volume, region=None, window=None) -> torch.Tensor:
+        if region is not None or window is not None:
+            raise ValueError("Oracle tokens describe whole phantoms: no region or window.")
         return self.tokens[str(volume)][None].to(self.device, self.dtype)
 
 
