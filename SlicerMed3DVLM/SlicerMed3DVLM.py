@@ -54,6 +54,9 @@ class SlicerMed3DVLM(ScriptedLoadableModule):
             "Pick a CT or MRI volume, press <b>Generate report</b> or type a question: a 3D "
             "vision-language model (Med3DVLM) answers in the chat while Slicer stays responsive. "
             "For MRI, <b>Detect abnormalities</b> scores the abnormalities the model knows. "
+            "<b>Show evidence</b> on an answer or a score lays a map of where it came from over the scan; "
+            "<b>Model's view</b> shows what the model is given; a <b>Region</b> (a Markups ROI) limits "
+            "reports, questions and scores to its box. "
             "Reports and conversations are saved with the scene as text nodes, scores as tables. "
             "Needs 3D Slicer 5.10 or newer (Python 3.12); on first use the module installs PyTorch "
             "(through the PyTorch extension) and its other Python packages. "
@@ -141,7 +144,14 @@ class SlicerMed3DVLMWidget(ScriptedLoadableModuleWidget):
         selector.setMRMLScene(slicer.mrmlScene)
         selector.setToolTip("The CT or MRI volume to report on and ask about")
         selector.connect("currentNodeChanged(vtkMRMLNode*)", self._warn_about_demo_model)
-        self.panel = ChatPanel(volume_selector=selector)
+        regions = slicer.qMRMLNodeComboBox()
+        regions.nodeTypes = ["vtkMRMLMarkupsROINode"]
+        regions.noneEnabled = True
+        regions.noneDisplay = "Whole volume"
+        regions.addEnabled = False
+        regions.removeEnabled = False
+        regions.setMRMLScene(slicer.mrmlScene)
+        self.panel = ChatPanel(volume_selector=selector, region_selector=regions)
         self.layout.addWidget(self.panel)
         self.controller = ChatController(self.panel, self.logic.core)
 
@@ -169,6 +179,8 @@ class SlicerMed3DVLMLogic(ScriptedLoadableModuleLogic):
         logic = slicer.util.getModuleLogic("SlicerMed3DVLM")  # or SlicerMed3DVLMLogic()
         print(logic.generate_report(getNode("CTChest")))
         logic.ask(getNode("CTChest"), "Is there a nodule?", on_token=print, on_done=print)
+        logic.ask(getNode("CTChest"), "And here?", region=getNode("R"))   # the box of a Markups ROI
+        logic.show_model_view(getNode("CTChest"))                       # the model's input over the scan
 
     Blocking unless ``on_done`` is given; see SlicerMed3DVLMLib.logic.Med3DVLMLogic for the rest.
     The model runs in a model server process (the module's own, or a remote one from the settings).
@@ -193,14 +205,23 @@ class SlicerMed3DVLMLogic(ScriptedLoadableModuleLogic):
             slicer.app.connect("aboutToQuit()", self.shutdown)
         return self._core
 
-    def generate_report(self, volume_node, on_token=None, on_done=None, on_status=None):
-        return self.core.generate_report(volume_node, on_token, on_done, on_status)
+    def generate_report(self, volume_node, on_token=None, on_done=None, on_status=None, **framing):
+        return self.core.generate_report(volume_node, on_token, on_done, on_status, **framing)
 
-    def ask(self, volume_node, question, on_token=None, on_done=None, on_status=None):
-        return self.core.ask(volume_node, question, on_token, on_done, on_status)
+    def ask(self, volume_node, question, on_token=None, on_done=None, on_status=None, **framing):
+        return self.core.ask(volume_node, question, on_token, on_done, on_status, **framing)
 
-    def detect(self, volume_node, on_done=None, on_status=None):
-        return self.core.detect(volume_node, on_done, on_status)
+    def detect(self, volume_node, on_done=None, on_status=None, **framing):
+        return self.core.detect(volume_node, on_done, on_status, **framing)
+
+    def show_evidence(self, volume_node, answer, on_done=None, on_status=None):
+        return self.core.show_evidence(volume_node, answer, on_done, on_status)
+
+    def show_score_evidence(self, volume_node, label, on_done=None, on_status=None):
+        return self.core.show_score_evidence(volume_node, label, on_done, on_status)
+
+    def show_model_view(self, volume_node, on_done=None, on_status=None, **framing):
+        return self.core.show_model_view(volume_node, on_done, on_status, **framing)
 
     def cancel(self):
         return self.core.cancel()

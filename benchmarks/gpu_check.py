@@ -3,7 +3,9 @@
 Builds the folder (no download: random weights made on the GPU and saved as safetensors shards),
 then for bfloat16, 8-bit and 4-bit: load time, volume encode, time to first token of a first
 question (new volume) and of a follow-up (cached volume), decode tokens/s at batch 1, peak GPU
-memory. Runs the CUDA-only tests and writes benchmarks/results/gpu_check_<date>[_tiny].json.
+memory, and one evidence map of an answer (SmoothGrad, the Slicer module's default 8 passes: its
+seconds and its own peak GPU memory, the backward pass included). Runs the CUDA-only tests and
+writes benchmarks/results/gpu_check_<date>[_tiny].json.
 
 ``--tiny`` runs the same code on the CPU with a tiny config in seconds (CI checks the script).
 Decode speed is timed on ``model.generate`` with min_new_tokens = max_new_tokens, since random
@@ -131,7 +133,22 @@ def _timed(fn, device):
     return time.perf_counter() - start, result
 
 
-def measure(folder: Path, quantization: str | None, device: str, input_size, new_tokens: int) -> dict:
+def measure_explain(pipe, volume: Volume, question: str, dev: torch.device, samples: int) -> dict:
+    """Seconds and peak GPU memory of the evidence map of an answer to ``question``, as Show evidence
+    asks the server for it; an error (say, a backward pass beyond the GPU's memory) is recorded."""
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    try:
+        seconds, evidence = _timed(lambda: pipe.explain(volume, question, "the liver", samples=samples), dev)
+    except Exception as error:
+        return {"explain_error": f"{type(error).__name__}: {error}"}
+    return {"explain_samples": samples, "explain_s": seconds, "explain_pass_s": seconds / samples,
+            "explain_peak_gpu_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
+            "explain_map_nonzero": bool(np.abs(evidence.map.array).sum() > 0)}
+
+
+def measure(folder: Path, quantization: str | None, device: str, input_size, new_tokens: int,
+            explain_samples: int) -> dict:
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -161,6 +178,7 @@ def measure(folder: Path, quantization: str | None, device: str, input_size, new
               "ttft_first_s": first_s, "ttft_followup_s": followup_s, "followup_ttft_ratio": followup_s / first_s,
               "decode_tokens": int(out.shape[1]) - 1, "decode_tokens_per_s": new_tokens / max(many_s - one_s, 1e-9),
               "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None}
+    result.update(measure_explain(pipe, volumes[2], question, dev, explain_samples))
     del pipe, tokens
     gc.collect()
     return result
@@ -195,14 +213,18 @@ def machine() -> dict:
 
 def print_table(results: dict) -> None:
     print(f"{'mode':18s} {'load s':>8s} {'encode s':>9s} {'TTFT 1st s':>11s} {'TTFT f/u s':>11s} {'f/u ratio':>10s} "
-          f"{'tok/s':>8s} {'peak GiB':>9s}")
+          f"{'tok/s':>8s} {'peak GiB':>9s} {'explain s':>10s} {'expl. GiB':>10s}")
+    gib = lambda value: "-" if value is None else f"{value:.2f}"  # noqa: E731
     for r in results["modes"]:
         if "error" in r:
             print(f"{r['quantization']:18s} error: {r['error']}")
             continue
-        peak = "-" if r["peak_gpu_memory_gib"] is None else f"{r['peak_gpu_memory_gib']:.2f}"
+        explain = "error" if "explain_error" in r else f"{r['explain_s']:.2f}"
         print(f"{r['quantization']:18s} {r['load_s']:8.2f} {r['encode_s']:9.3f} {r['ttft_first_s']:11.3f} "
-              f"{r['ttft_followup_s']:11.3f} {r['followup_ttft_ratio']:10.2f} {r['decode_tokens_per_s']:8.1f} {peak:>9s}")
+              f"{r['ttft_followup_s']:11.3f} {r['followup_ttft_ratio']:10.2f} {r['decode_tokens_per_s']:8.1f} "
+              f"{gib(r['peak_gpu_memory_gib']):>9s} {explain:>10s} {gib(r.get('explain_peak_gpu_memory_gib')):>10s}")
+        if "explain_error" in r:
+            print(f"  explain: {r['explain_error']}")
     bf16 = results["modes"][0]
     if "error" not in bf16:
         scale = "7B" if not results["tiny"] else "tiny config (targets are for the 7B on a GPU)"
@@ -219,12 +241,15 @@ def main(argv=None) -> int:
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="results folder")
     parser.add_argument("--modes", default="bf16,8bit,4bit", help="comma-separated: bf16, 8bit, 4bit")
     parser.add_argument("--new-tokens", type=int, default=None, help="decoded tokens timed (default 128; tiny 16)")
+    parser.add_argument("--explain-samples", type=int, default=None,
+                        help="passes of the evidence map timed (default 8, the Slicer module's; tiny 1)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     if args.tiny:
         torch.set_num_threads(1)
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     new_tokens = args.new_tokens or (16 if args.tiny else 128)
+    explain_samples = args.explain_samples or (1 if args.tiny else 8)
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         folder = Path(tmp) / ("Med3DVLM-Qwen-tiny" if args.tiny else "Med3DVLM-Qwen-2.5-7B-random")
         build = build_folder(folder, args.tiny, shard_bytes=(8 << 20) if args.tiny else (4 << 30))
@@ -234,7 +259,8 @@ def main(argv=None) -> int:
         for mode in args.modes.split(","):
             quantization = None if mode == "bf16" else mode
             try:
-                modes.append(measure(folder, quantization, device, INPUT["tiny" if args.tiny else "full"], new_tokens))
+                modes.append(measure(folder, quantization, device, INPUT["tiny" if args.tiny else "full"], new_tokens,
+                                     explain_samples))
             except Exception as error:  # e.g. bitsandbytes missing: the other modes still count
                 modes.append({"quantization": quantization or "none (bfloat16)", "error": f"{type(error).__name__}: {error}"})
             print(f"  measured {mode}", flush=True)

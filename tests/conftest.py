@@ -33,6 +33,34 @@ def scene():
 
 
 @pytest.fixture
+def slicer_scene():
+    """make() -> a vtkMRMLScene set up as the Slicer application sets up its own: the selection node
+    (application logic), the Markups classes with their .mrk.json storage (Markups logic), and the
+    Red, Yellow and Green slice views' layer nodes (Slicer's layout manager makes those)."""
+    from slicer import vtkMRMLScene, vtkMRMLSliceCompositeNode, vtkSlicerApplicationLogic, vtkSlicerMarkupsLogic
+
+    made = []
+
+    def make():
+        scene = vtkMRMLScene()
+        application, markups = vtkSlicerApplicationLogic(), vtkSlicerMarkupsLogic()
+        application.SetMRMLScene(scene)
+        markups.SetMRMLScene(scene)
+        for name in ("Red", "Yellow", "Green"):
+            composite = vtkMRMLSliceCompositeNode()
+            composite.SetLayoutName(name)
+            composite.SetSingletonTag(name)
+            scene.AddNode(composite)
+        made.append((scene, application, markups))  # the logics live as long as their scene
+        return scene
+
+    yield make
+    for _, application, markups in made:
+        markups.SetMRMLScene(None)
+        application.SetMRMLScene(None)
+
+
+@pytest.fixture
 def make_volume(scene):
     """make_volume(array[i, j, k], ijk_to_ras=None, name=...) -> a scalar volume node in ``scene``."""
     from vtkmodules.util.numpy_support import numpy_to_vtk

@@ -184,7 +184,7 @@ def test_transcript_copy_and_save(qtbot, chat, tmp_path):
 def test_settings_panel_round_trip(chat):
     panel, logic = chat
     values = {"model": "demo", "device": "cpu", "dtype": "float32", "quantization": "4bit", "max_new_tokens": 64,
-              "temperature": 0.3, "server": "https://gpu.lab.example/med3dvlm"}
+              "temperature": 0.3, "server": "https://gpu.lab.example/med3dvlm", "evidence_samples": 16}
     panel.set_settings_values(values)
     panel.token_edit.setText("secret-token-of-the-lab-server")
     panel.on_apply_settings(panel.settings_values())
@@ -192,7 +192,7 @@ def test_settings_panel_round_trip(chat):
     assert logic.settings.load_arguments()["quantization"] == "4bit"
     assert logic.settings.server == "https://gpu.lab.example/med3dvlm" and logic.has_server_token
     assert "secret" not in repr(logic.settings)  # the token is not a setting
-    assert logic.settings.temperature == pytest.approx(0.3)
+    assert logic.settings.temperature == pytest.approx(0.3) and logic.settings.evidence_samples == 16
     assert panel.settings_values() == {**values, "token": "secret-token-of-the-lab-server"}
     assert panel.model_label.text() == "Model: on https://gpu.lab.example/med3dvlm (connects on first use)"
 

@@ -1,5 +1,5 @@
 """benchmarks/gpu_check.sh --tiny: the GPU check's code path (official-layout folder, load, encode,
-first and follow-up question, decode speed, 8/4-bit) on the CPU with a tiny config."""
+first and follow-up question, decode speed, an evidence map, 8/4-bit) on the CPU with a tiny config."""
 
 import json
 import os
@@ -23,6 +23,9 @@ def test_gpu_check_tiny_writes_its_results(tmp_path):
     assert "error" not in bf16, bf16
     assert bf16["decode_tokens"] == results["new_tokens"] and bf16["decode_tokens_per_s"] > 0
     assert 0 < bf16["ttft_followup_s"] and 0 < bf16["encode_s"] and bf16["load_s"] > 0
+    assert "explain_error" not in bf16, bf16["explain_error"]
+    assert bf16["explain_samples"] == 1 and bf16["explain_s"] > 0 and bf16["explain_map_nonzero"]
+    assert "explain s" in done.stdout
     assert {m["quantization"] for m in results["modes"]} == {"none (bfloat16)", "8bit", "4bit"}
     assert "tests/test_preprocess.py::test_cuda_matches_cpu" in results["cuda_tests"]["tests"]
     assert not list(tmp_path.glob("tmp*"))  # the random-weight folder is removed afterwards

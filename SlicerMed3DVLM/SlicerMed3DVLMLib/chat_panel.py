@@ -3,9 +3,12 @@ settings. No MRML.
 
 User actions reach the owner through plain callbacks (``on_send(question)``, ``on_report()``,
 ``on_detect()``, ``on_stop()``, ``on_clear()``, ``on_volume_changed()``,
-``on_apply_settings(values)``) because PythonQt cannot declare Python signals. The volume
-selector is whatever widget the owner passes (a qMRMLNodeComboBox in Slicer); without one the
-panel makes a plain combo filled by :meth:`ChatPanel.set_volume_choices`.
+``on_apply_settings(values)``, ``on_evidence(answer_time)``, ``on_score_evidence(label)``,
+``on_model_view()``) because PythonQt cannot declare Python signals. The volume and region
+selectors are whatever widgets the owner passes (qMRMLNodeComboBoxes in Slicer); without them the
+panel makes plain combos filled by :meth:`ChatPanel.set_volume_choices` and
+:meth:`ChatPanel.set_region_choices`. Each answer that can be explained carries a Show evidence
+link (``evidence:<its time>``), handled here rather than followed by the browser.
 """
 
 from __future__ import annotations
@@ -15,14 +18,15 @@ import re
 from collections.abc import Callable
 
 from .qtcompat import (
-    QAbstractItemView, QApplication, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout,
+    QAbstractItemView, QApplication, QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout,
     QHeaderView, QLabel, QLineEdit, QPlainTextEdit, QProgressBar, QPushButton, QSpinBox, Qt, QTableWidget,
     QTableWidgetItem, QTextBrowser, QTextCursor, QVBoxLayout, QWidget, prop,
 )
 from .settings import DEVICES, PRECISIONS, QUANTIZATIONS
 from .transcript import Turn, now, transcript_markdown
 
-COLORS = {"user": "#1c71d8", "model": "#26a269", "error": "#c01c28"}
+COLORS = {"user": "#1c71d8", "model": "#26a269", "error": "#c01c28", "warning": "#c64600"}
+EVIDENCE_LINK = "evidence:"  # + the answer's time
 SCORE_HEADERS = ("Organ", "Abnormality", "Probability", "Threshold", "Above")
 
 
@@ -58,10 +62,11 @@ def markdown_to_html(text: str) -> str:
     return "".join(out)
 
 
-def _turn_html(turn: Turn, body: str) -> str:
-    note = f" — {html.escape(turn.note)}" if turn.note else ""
+def _turn_html(turn: Turn, body: str, explainable: bool = False) -> str:
+    note = "".join(f" — {html.escape(text)}" for text in (turn.note, turn.framing) if text)
+    link = f' &nbsp;<a href="{EVIDENCE_LINK}{html.escape(turn.time)}">Show evidence</a>' if explainable else ""
     return (f'<p style="margin-top:10px; margin-bottom:2px"><b style="color:{COLORS.get(turn.role, "#000")}">'
-            f'{html.escape(turn.title)}</b> <span style="color:#888888">{turn.clock}{note}</span></p>'
+            f'{html.escape(turn.title)}</b> <span style="color:#888888">{turn.clock}{note}</span>{link}</p>'
             f'<div style="margin-left:10px">{body}</div>')
 
 
@@ -102,7 +107,7 @@ class QuestionBox(QPlainTextEdit):
 
 
 class ChatPanel(QWidget):
-    def __init__(self, parent=None, volume_selector=None) -> None:
+    def __init__(self, parent=None, volume_selector=None, region_selector=None) -> None:
         QWidget.__init__(self, parent)
         self.on_send: Callable[[str], None] | None = None
         self.on_report: Callable[[], None] | None = None
@@ -112,11 +117,17 @@ class ChatPanel(QWidget):
         self.on_volume_changed: Callable[[], None] | None = None
         self.on_apply_settings: Callable[[dict], None] | None = None
         self.on_restart: Callable[[], None] | None = None
+        self.on_evidence: Callable[[str], None] | None = None
+        self.on_score_evidence: Callable[[str], None] | None = None
+        self.on_model_view: Callable[[], None] | None = None
         self.turns: list[Turn] = []
         self.transcript_title = "Med3DVLM conversation"
         self._streaming = False
+        self._explainable: set[str] = set()
+        self._score_rows: list = []
         self.owns_selector = volume_selector is None
         self.volume_selector = QComboBox() if self.owns_selector else volume_selector
+        self.region_selector = QComboBox() if region_selector is None else region_selector
         self._build()
 
     # ----- layout -----------------------------------------------------------------------------
@@ -126,10 +137,12 @@ class ChatPanel(QWidget):
         top.addWidget(QLabel("Volume:"))
         top.addWidget(self.volume_selector, 1)
         layout.addLayout(top)
+        layout.addLayout(self._build_framing())
         self.model_label = QLabel("Model: –")
         layout.addWidget(self.model_label)
         self.view = QTextBrowser()
-        self.view.setOpenExternalLinks(True)
+        self.view.setOpenLinks(False)  # Show evidence links are actions, not pages to open
+        self.view.anchorClicked.connect(self._link_clicked)
         layout.addWidget(self.view, 1)
         layout.addLayout(self._build_scores())
         self.question_box = QuestionBox(self._send)
@@ -175,14 +188,35 @@ class ChatPanel(QWidget):
         else:
             self.volume_selector.currentIndexChanged.connect(lambda *_: self._call(self.on_volume_changed))
 
+    def _build_framing(self) -> QHBoxLayout:
+        """The region questions are about, the window the model is shown, and what the model sees."""
+        self.region_selector.setToolTip("Reports, questions, scores and evidence about the box of this Markups ROI "
+                                        "only (shown to the model at up to the scan's resolution); none: the whole "
+                                        "volume")
+        self.window_check = QCheckBox("Slice view's window/level")
+        self.window_check.setToolTip("Show the model a CT in the window/level of the slice views instead of its own. "
+                                     "The model was trained with a fixed window: its answers may be less reliable.")
+        self.model_view_button = self._button("Model's view", lambda: self._call(self.on_model_view))
+        self.model_view_button.setToolTip("Show what the model is given (its input, over the scan) and the box of the "
+                                          "scan it covers")
+        row = QHBoxLayout()
+        row.addWidget(QLabel("Region:"))
+        row.addWidget(self.region_selector, 1)
+        row.addWidget(self.window_check)
+        row.addWidget(self.model_view_button)
+        return row
+
     def _build_scores(self) -> QVBoxLayout:
         """Detect button, a one-line summary and the score table (shown once the volume has scores)."""
         self.detect_button = self._button("Detect abnormalities", lambda: self._call(self.on_detect))
         self.detect_button.setToolTip("MRI abnormality scores (MedMAP); kept in the scene as a table")
         self.scores_label = QLabel()
+        self.score_evidence_button = self._button("Show evidence", self._score_evidence)
+        self.score_evidence_button.setToolTip("Where in the scan the selected score came from")
         header = QHBoxLayout()
         header.addWidget(self.detect_button)
         header.addWidget(self.scores_label, 1)
+        header.addWidget(self.score_evidence_button)
         table = self.scores_table = QTableWidget(0, len(SCORE_HEADERS))
         table.setHorizontalHeaderLabels(list(SCORE_HEADERS))
         table.setEditTriggers(QAbstractItemView.NoEditTriggers)
@@ -228,6 +262,11 @@ class ChatPanel(QWidget):
         self.temperature_spin.setSingleStep(0.1)
         self.temperature_spin.setToolTip("0 = deterministic (greedy) answers")
         form.addRow("Temperature:", self.temperature_spin)
+        self.samples_spin = QSpinBox()
+        self.samples_spin.setRange(1, 64)
+        self.samples_spin.setToolTip("Forward and backward passes of an evidence map: more give a smoother map and "
+                                     "take longer")
+        form.addRow("Evidence passes:", self.samples_spin)
         self.server_edit = QLineEdit()
         self.server_edit.setPlaceholderText("this computer (a local server)")
         self.server_edit.setToolTip("A remote model server, e.g. https://gpu.lab.example/med3dvlm (med3dvlm serve); "
@@ -267,17 +306,44 @@ class ChatPanel(QWidget):
         if self.selected_volume_id() != current:
             self._call(self.on_volume_changed)
 
+    def set_region_choices(self, choices: list[tuple[str, str]]) -> None:
+        """(ID, name) pairs of Markups ROIs for the plain region combo, after "Whole volume"; keeps
+        the selection when it is still there."""
+        current, combo = self.selected_region_id(), self.region_selector
+        combo.blockSignals(True)
+        combo.clear()
+        combo.addItem("Whole volume", "")
+        for node_id, name in choices:
+            combo.addItem(name, node_id)
+        combo.setCurrentIndex(max(0, combo.findData(current) if current else 0))
+        combo.blockSignals(False)
+
     def selected_volume_id(self) -> str | None:
-        name = "currentNodeID" if hasattr(self.volume_selector, "currentNodeID") else "currentData"
-        return prop(self.volume_selector, name) or None
+        return self._selected(self.volume_selector)
+
+    def selected_region_id(self) -> str | None:
+        """The Markups ROI the requests are about; None: the whole volume."""
+        return self._selected(self.region_selector)
+
+    @staticmethod
+    def _selected(selector) -> str | None:
+        name = "currentNodeID" if hasattr(selector, "currentNodeID") else "currentData"
+        return prop(selector, name) or None
+
+    def use_view_window(self) -> bool:
+        return self.window_check.isChecked()
 
     # ----- conversation ---------------------------------------------------------------------------
-    def show_turns(self, turns: list[Turn], streaming: bool = False) -> None:
-        """Show ``turns``; with ``streaming`` the last one is a model turn still receiving text."""
+    def show_turns(self, turns: list[Turn], streaming: bool = False, explainable: set[str] | None = None) -> None:
+        """Show ``turns``; with ``streaming`` the last one is a model turn still receiving text. The
+        answers whose time is in ``explainable`` get a Show evidence link (kept until told again)."""
         self.turns = list(turns)
+        if explainable is not None:
+            self._explainable = set(explainable)
         self._streaming = streaming and bool(turns)
         done = turns[:-1] if self._streaming else turns
-        parts = [_turn_html(t, markdown_to_html(t.text)) for t in done]
+        parts = [_turn_html(t, markdown_to_html(t.text), t.role == "model" and t.time in self._explainable)
+                 for t in done]
         if self._streaming:  # raw text while streaming: the last block is where new text goes
             parts.append(_turn_html(turns[-1], f"<p>{html.escape(turns[-1].text).replace(chr(10), '<br>')}</p>"))
         self.view.setHtml("".join(parts))
@@ -296,16 +362,22 @@ class ChatPanel(QWidget):
         if at_end:
             self._scroll_to_end()
 
-    def show_error(self, message: str, restart: bool = False) -> None:
+    def show_error(self, message: str, restart: bool = False, role: str = "error") -> None:
         """A message in the conversation (not stored) and in the status line; with ``restart``,
-        the Restart button (the model server stopped or cannot be reached)."""
+        the Restart button (the model server stopped or cannot be reached). ``role`` "warning":
+        a note on an answer that was made (otherwise than the model was trained)."""
         self.restart_button.setVisible(restart)
-        error = Turn("error", message, now())
+        error = Turn(role, message, now())
         if self._streaming:  # keep the answer being streamed last
             self.show_turns(self.turns[:-1] + [error, self.turns[-1]], streaming=True)
         else:
             self.show_turns(self.turns + [error])
         self.set_status(message)
+
+    def _link_clicked(self, url) -> None:
+        link = url.toString()
+        if link.startswith(EVIDENCE_LINK):
+            self._call(self.on_evidence, link[len(EVIDENCE_LINK):])
 
     def _scroll_to_end(self) -> None:
         bar = self.view.verticalScrollBar()
@@ -323,8 +395,9 @@ class ChatPanel(QWidget):
     def show_scores(self, scores) -> None:
         """A volume's stored scores (``rows`` highest probability first, ``sequences``, ``model``);
         None hides the table (no detection yet, or not an MRI volume)."""
-        rows = scores.rows if scores is not None else []
+        rows = self._score_rows = scores.rows if scores is not None else []
         self.scores_table.setVisible(bool(rows))
+        self.score_evidence_button.setVisible(bool(rows))
         self.scores_table.setRowCount(len(rows))
         right, center = Qt.AlignRight | Qt.AlignVCenter, Qt.AlignCenter
         for index, row in enumerate(rows):
@@ -346,9 +419,18 @@ class ChatPanel(QWidget):
         else:
             self.scores_label.setText("")
 
+    def _score_evidence(self) -> None:
+        row = self.scores_table.currentRow()
+        if 0 <= row < len(self._score_rows):
+            score = self._score_rows[row]
+            self._call(self.on_score_evidence, f"{score.abnormality} in the {score.organ}")
+        else:
+            self.set_status("Select a score in the table first, then press Show evidence.")
+
     # ----- state --------------------------------------------------------------------------------
     def set_busy(self, busy: bool) -> None:
-        for button in (self.report_button, self.detect_button, self.send_button, self.clear_button):
+        for button in (self.report_button, self.detect_button, self.send_button, self.clear_button,
+                       self.model_view_button, self.score_evidence_button):
             button.setEnabled(not busy)
         self.stop_button.setEnabled(busy)
         if not busy:
@@ -405,6 +487,7 @@ class ChatPanel(QWidget):
                 "quantization": QUANTIZATIONS[prop(self.quantization_combo, "currentIndex")],
                 "max_new_tokens": prop(self.tokens_spin, "value"),
                 "temperature": round(prop(self.temperature_spin, "value"), 2),
+                "evidence_samples": prop(self.samples_spin, "value"),
                 "server": prop(self.server_edit, "text").strip(),
                 "token": prop(self.token_edit, "text").strip()}
 
@@ -415,4 +498,5 @@ class ChatPanel(QWidget):
         self.quantization_combo.setCurrentIndex(QUANTIZATIONS.index(values["quantization"]))
         self.tokens_spin.setValue(int(values["max_new_tokens"]))
         self.temperature_spin.setValue(float(values["temperature"]))
+        self.samples_spin.setValue(int(values["evidence_samples"]))
         self.server_edit.setText(str(values.get("server", "")))  # the token is never filled in from settings

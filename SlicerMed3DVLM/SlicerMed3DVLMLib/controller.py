@@ -29,6 +29,9 @@ class ChatController:
         panel.on_volume_changed = self.show_volume
         panel.on_apply_settings = self.apply_settings
         panel.on_restart = self.restart
+        panel.on_evidence = self.show_evidence
+        panel.on_score_evidence = self.show_score_evidence
+        panel.on_model_view = self.show_model_view
         if panel.owns_selector:
             logic.add_volumes_listener(self.refresh_volumes)
             self.refresh_volumes()
@@ -38,6 +41,7 @@ class ChatController:
 
     def refresh_volumes(self) -> None:
         self.panel.set_volume_choices(self.logic.volume_choices())
+        self.panel.set_region_choices(self.logic.region_choices())
 
     def show_volume(self) -> None:
         """Show the selected volume's reports, conversation and abnormality scores (as stored in the
@@ -45,32 +49,61 @@ class ChatController:
         volume = self.panel.selected_volume_id()
         self.panel.transcript_title = f"Med3DVLM conversation — {self.logic.volume_name(volume)}"
         streaming = self.logic.busy and volume == self._streaming_volume
-        self.panel.show_turns(self.logic.session_turns(volume), streaming=streaming)
+        self._show_turns(volume, streaming)
         self.panel.show_scores(self.logic.abnormality_scores(volume))
 
+    def _show_turns(self, volume: str | None, streaming: bool = False) -> None:
+        self.panel.show_turns(self.logic.session_turns(volume), streaming=streaming,
+                              explainable=self.logic.explainable_answers(volume))
+
+    def _framing(self, volume: str | None, window: bool = True) -> dict:
+        """The region and window the panel asks about: its ROI, and the slice view's window/level
+        if ticked (read now, as the user sees it)."""
+        framing = {"region": self.panel.selected_region_id()}
+        if window and self.panel.use_view_window() and volume is not None:
+            framing["window"] = self.logic.display_window(volume)
+        return framing
+
     def generate_report(self) -> None:
-        self._start(lambda volume, **callbacks: self.logic.generate_report(volume, **callbacks))
+        self._start(lambda volume, **callbacks: self.logic.generate_report(volume, **callbacks, **self._framing(volume)))
 
     def ask(self, question: str) -> None:
-        self._start(lambda volume, **callbacks: self.logic.ask(volume, question, **callbacks))
+        self._start(lambda volume, **callbacks: self.logic.ask(volume, question, **callbacks, **self._framing(volume)))
 
     def detect(self) -> None:
-        self._start(lambda volume, **callbacks: self.logic.detect(volume, **callbacks), stream=False)
+        self._start(lambda volume, **callbacks: self.logic.detect(volume, **callbacks, **self._framing(volume, False)),
+                    stream=False)
 
-    def _start(self, request, stream: bool = True) -> None:
+    def show_evidence(self, answer: str) -> None:
+        self._start(lambda volume, **callbacks: self.logic.show_evidence(volume, answer, **callbacks), chat=False)
+
+    def show_score_evidence(self, label: str) -> None:
+        self._start(lambda volume, **callbacks: self.logic.show_score_evidence(volume, label, **callbacks), chat=False)
+
+    def show_model_view(self) -> None:
+        self._start(lambda volume, **callbacks: self.logic.show_model_view(volume, **callbacks, **self._framing(volume)),
+                    chat=False)
+
+    def _start(self, request, stream: bool = True, chat: bool = True) -> None:
+        """Send ``request(volume, on_done=..., on_status=..., [on_token=...])``; a ``chat`` request
+        writes turns (streamed with ``stream``), others make nodes over the scan (or show one made
+        before at once, without the server)."""
         volume = self.panel.selected_volume_id()
         try:
             if self.prepare is not None:
                 self.prepare()
             callbacks = {"on_done": self._done, "on_status": self._status}
-            if stream:
+            if stream and chat:
                 callbacks["on_token"] = self._token
             request(volume, **callbacks)
-        except Med3DVLMError as error:  # no volume, 2D volume, busy, empty question, refused install
+        except Med3DVLMError as error:  # no volume, 2D volume, busy, empty question, no region, refused install
             self.panel.show_error(str(error))
             return
+        if not self.logic.busy:  # answered at once (an evidence map shown again)
+            return
         self._streaming_volume = volume
-        self.panel.show_turns(self.logic.session_turns(volume), streaming=stream)
+        if chat:
+            self._show_turns(volume, streaming=stream)
         self.panel.set_busy(True)
 
     def _token(self, piece: str) -> None:
@@ -78,18 +111,20 @@ class ChatController:
             self.panel.append_stream(piece)
 
     def _status(self, status: Status) -> None:
-        busy = status.stage in ("loading", "encoding", "generating")
+        busy = status.stage in ("loading", "encoding", "generating", "explaining", "preprocessing")
         self.panel.set_status(status.message, busy, status.tokens, status.max_tokens)
         self.update_model_label()
 
     def _done(self, result: Result) -> None:
         volume, self._streaming_volume = self._streaming_volume, None
         self.panel.set_busy(False)
-        if self.panel.selected_volume_id() == volume:
-            self.panel.show_turns(self.logic.session_turns(volume))
-            self.panel.show_scores(self.logic.abnormality_scores(volume))
+        if self.panel.selected_volume_id() == volume or volume is None:  # None: shown again at once
+            self._show_turns(self.panel.selected_volume_id())
+            self.panel.show_scores(self.logic.abnormality_scores(self.panel.selected_volume_id()))
             if result.error:
                 self.panel.show_error(result.error, restart=result.restart)
+            for warning in result.warnings:
+                self.panel.show_error(warning, role="warning")
 
     def clear(self) -> None:
         try:

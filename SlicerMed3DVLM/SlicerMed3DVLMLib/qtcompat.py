@@ -19,6 +19,7 @@ QTimer = QtCore.QTimer
 QTextCursor = QtGui.QTextCursor
 QAbstractItemView = QtWidgets.QAbstractItemView
 QApplication = QtWidgets.QApplication
+QCheckBox = QtWidgets.QCheckBox
 QComboBox = QtWidgets.QComboBox
 QDoubleSpinBox = QtWidgets.QDoubleSpinBox
 QFileDialog = QtWidgets.QFileDialog

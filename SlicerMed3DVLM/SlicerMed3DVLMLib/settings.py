@@ -1,4 +1,5 @@
-"""User settings (model, device, precision, quantization, generation limits, server address) kept
+"""User settings (model, device, precision, quantization, generation limits, server address, the
+passes of an evidence map) kept
 in application settings; a remote server's token is not a setting: it is never stored.
 
 ``store`` is anything with ``value(key, default)`` and ``setValue(key, value)``: a QSettings in
@@ -30,6 +31,7 @@ class Settings:
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0 = greedy (deterministic)
     server: str = ""  # a remote model server's URL; empty: the module's own local server
+    evidence_samples: int = 8  # forward and backward passes of an evidence map: more are smoother and slower
 
     @property
     def load_key(self) -> tuple:
@@ -61,6 +63,8 @@ def _coerce(name: str, value: Any) -> Any:
         return max(1, min(8192, int(float(value))))
     if name == "temperature":
         return max(0.0, min(2.0, float(value)))
+    if name == "evidence_samples":
+        return max(1, min(64, int(float(value))))
     value = str(value).strip()
     if name == "server":
         if value and not value.startswith(("http://", "https://")):

@@ -26,6 +26,7 @@ MODEL = "Med3DVLM.model"
 STATUS = "Med3DVLM.status"  # generating, complete, stopped, failed
 ARCHIVED = "Med3DVLM.archived"  # "1" once the user cleared the chat: kept, no longer shown
 PROVENANCE = "Med3DVLM.provenance"  # JSON: model, weights digest, preprocessing, settings of the last answer
+FRAMING = "Med3DVLM.framing"  # JSON: the region and CT window a node's content is about (a score table's)
 
 
 def create_record(scene, volume, role: str, model_name: str):
@@ -49,6 +50,18 @@ def set_provenance(node, provenance: dict | None) -> None:
 def provenance(node) -> dict | None:
     text = node.GetAttribute(PROVENANCE)
     return json.loads(text) if text else None
+
+
+def set_framing(node, region: list | None, window: list | None) -> None:
+    """Keep what the node's content is about: ``region`` (two opposite corners, RAS mm) and ``window``
+    ((centre, width)), None for the whole volume in the model's own window."""
+    node.SetAttribute(FRAMING, json.dumps({"region": region, "window": window}))
+
+
+def framing(node) -> tuple[list | None, list | None]:
+    """(region, window) as ``set_framing`` kept them; (None, None) when it never did."""
+    kept = json.loads(node.GetAttribute(FRAMING) or "{}")
+    return kept.get("region"), kept.get("window")
 
 
 def record_role(node) -> str | None:

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass
 from datetime import datetime
 
-ROLE_TITLES = {"user": "You", "model": "Med3DVLM", "error": "Error"}
+ROLE_TITLES = {"user": "You", "model": "Med3DVLM", "error": "Error", "warning": "Note"}
 
 
 def now() -> str:
@@ -16,10 +16,24 @@ def now() -> str:
 
 @dataclass
 class Turn:
-    role: str  # "user", "model" or "error"
+    role: str  # "user", "model", "error" or "warning" (the last two are shown, never stored)
     text: str
     time: str
     note: str = ""  # "stopped" when the user stopped the answer
+    region: list[list[float]] | None = None  # an answer about a region: two opposite corners, RAS mm
+    window: list[float] | None = None  # an answer about the volume in a CT window of the user's: centre, width
+
+    @property
+    def framing(self) -> str:
+        """'region R -100…50, A -80…60, S -250…-150 mm; window L60/W300': what the answer was about,
+        beyond the whole volume as the model was trained to see it ("" for that)."""
+        parts = []
+        if self.region:
+            parts.append("region " + ", ".join(f"{'RAS'[a]} {min(c[a] for c in self.region):g}…"
+                                                f"{max(c[a] for c in self.region):g}" for a in range(3)) + " mm")
+        if self.window:
+            parts.append(f"window L{self.window[0]:g}/W{self.window[1]:g}")
+        return "; ".join(parts)
 
     @property
     def clock(self) -> str:
@@ -54,6 +68,6 @@ def transcript_markdown(turns: list[Turn], title: str = "") -> str:
     """The conversation as Markdown: what Copy and Save transcript write."""
     parts = [f"# {title}\n"] if title else []
     for turn in turns:
-        note = f" ({turn.note})" if turn.note else ""
+        note = "".join(f" ({text})" for text in (turn.note, turn.framing) if text)
         parts.append(f"**{turn.title}** — {turn.time.replace('T', ' ')}{note}\n\n{turn.text}\n")
     return "\n".join(parts)

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from .cancel import CancelToken
 from .detection_result import DetectionResult
+from .explained import Evidence, ModelView
 
 TokenCallback = Callable[[str], None]
 
@@ -22,17 +23,19 @@ class Answerer(Protocol):
 
     def describe(self) -> dict:
         """What answers: ``name``, ``device``, ``dtype``, ``quantization`` (None or '4bit'/'8bit') and
-        ``capabilities`` (of report, ask, detect, retrieve)."""
+        ``capabilities`` (of report, ask, explain, view, detect, retrieve)."""
 
     def encode(self, volume) -> Any:
         """Get a volume ready for questions (its image tokens, or its upload to the server)."""
 
     def report(self, volume, *, instruction: str = ..., on_token: TokenCallback | None = None,
-               cancel: CancelToken | None = None, **settings) -> str: ...
+               cancel: CancelToken | None = None, region=None, window=None, **settings) -> str:
+        """A report of the volume, or of ``region`` (two opposite corners in RAS mm) shown in ``window``
+        ((centre, width) of a CT window in place of the preset's)."""
 
     def ask(self, volume, question: str, *, history: Sequence[tuple[str, str]] = (),
             choices: Sequence[str] | None = None, on_token: TokenCallback | None = None,
-            cancel: CancelToken | None = None, **settings) -> str: ...
+            cancel: CancelToken | None = None, region=None, window=None, **settings) -> str: ...
 
     def stream_report(self, volume, **kwargs) -> Iterator[str]: ...
 
@@ -41,9 +44,20 @@ class Answerer(Protocol):
     def report_batch(self, volumes: Sequence, *, batch_size: int = ..., progress: Callable[[int], None] | None = None,
                      **settings) -> list[str]: ...
 
-    def detect(self, volume_or_study) -> DetectionResult: ...
+    def detect(self, volume_or_study, region=None) -> DetectionResult: ...
 
     def retrieve(self, volume, texts: Sequence[str]) -> list[tuple[int, float]]: ...
+
+    def explain(self, volume, question: str | None = None, answer: str | None = None, region=None, *,
+                window=None, choices: Sequence[str] | None = None, history: Sequence[tuple[str, str]] = (),
+                method: str = ..., samples: int = ..., cancel: CancelToken | None = None) -> Evidence:
+        """Where in the volume an answer (or the report) came from: an evidence map on its grid."""
+
+    def explain_detection(self, volume_or_study, label: str, region=None, *, method: str = ..., samples: int = ...,
+                          cancel: CancelToken | None = None) -> dict[str, Evidence]: ...
+
+    def model_view(self, volume, region=None, window=None) -> ModelView:
+        """What the model receives from the volume, placed over the scan."""
 
     def provenance(self, task: str, volume=None, **settings) -> dict:
         """What produced (or produces) the answer to ``task`` about ``volume`` with ``settings``: model,

@@ -21,9 +21,11 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
+from .cancel import Cancelled, CancelToken
 from .errors import Med3DVLMError
 
 METHODS = ("smoothgrad", "integrated")
+Progress = Callable[[int, int], None]  # (passes done, passes in all)
 NOISE = 0.1  # SmoothGrad's standard deviation on inputs in [0, 1] (the paper advises 10-20 % of the range)
 
 
@@ -42,13 +44,16 @@ def frozen(*modules: nn.Module) -> Iterator[None]:
 
 
 def attribute(score: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, method: str = "smoothgrad",
-              samples: int = 8, *, noise: float = NOISE, seed: int = 0, save_memory: bool = False) -> torch.Tensor:
+              samples: int = 8, *, noise: float = NOISE, seed: int = 0, save_memory: bool = False,
+              cancel: CancelToken | None = None, progress: Progress | None = None) -> torch.Tensor:
     """Attribution of ``score`` (a differentiable scalar function of a tensor shaped like
     ``inputs``) to each element of ``inputs``; float32, same shape.
 
     ``save_memory`` keeps the activations that the backward pass needs in host memory
     (``torch.autograd.graph.save_on_cpu``), so that on a GPU the backward of a 7B model fits where
-    its forward does, at the cost of copying them there and back.
+    its forward does, at the cost of copying them there and back. ``progress(done, samples)`` is
+    called after each pass; ``cancel`` is checked before each and raises Cancelled (a mean over
+    fewer passes than asked would be a different map, not a partial one).
     """
     if method not in METHODS:
         raise Med3DVLMError(f"Unknown attribution method {method!r}; use one of {', '.join(METHODS)}.")
@@ -58,6 +63,8 @@ def attribute(score: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tenso
     generator = torch.Generator(device=inputs.device).manual_seed(seed)
     total = torch.zeros_like(inputs)
     for step in range(samples):
+        if cancel is not None and cancel.cancelled:
+            raise Cancelled("The evidence map was stopped before it was complete.")
         if method == "smoothgrad":
             point = inputs + noise * torch.randn(inputs.shape, generator=generator, device=inputs.device)
         else:
@@ -67,4 +74,6 @@ def attribute(score: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tenso
         with torch.enable_grad(), offload:
             (gradient,) = torch.autograd.grad(score(point), point)
         total += gradient
+        if progress is not None:
+            progress(step + 1, samples)
     return total / samples * inputs

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import threading
 
+from .errors import Med3DVLMError
+
+
+class Cancelled(Med3DVLMError):
+    """Work that has no useful partial result (an evidence map) was stopped by its CancelToken."""
+
 
 class CancelToken:
     """Set from any thread; generation checks it between tokens and stops within one step."""

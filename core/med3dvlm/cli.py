@@ -62,8 +62,6 @@ def _framing(args) -> dict:
         framing["region"] = (tuple(args.region[:3]), tuple(args.region[3:]))
     if getattr(args, "window", None):
         framing["window"] = tuple(args.window)
-    if framing and getattr(args, "server", None):
-        raise Med3DVLMError("--region and --window work with a model in this process; drop --server.")
     return framing
 
 
@@ -266,9 +264,10 @@ def cmd_explain(args) -> None:
     write_volume(evidence.map, args.output)
     if args.json:
         found = {k: v for k, v in evidence.to_dict().items() if k != "preprocessing"}  # in the provenance
+        task = "explain-score" if args.score else "explain"
         print(json.dumps({"volume": args.volume, "map": args.output, **found,
-                          "provenance": _provenance(pipe, "explain", volume, framing,
-                                                    time.perf_counter() - started)}, indent=1))
+                          "provenance": _provenance(pipe, task, volume, framing, time.perf_counter() - started)},
+                         indent=1))
         return
     print(f"{evidence.question or 'report'}: {evidence.answer}")
     peak = ", ".join(f"{c:.1f}" for c in evidence.peak_ras)
@@ -482,7 +481,7 @@ def _explain_parser(sub) -> None:
                    help="SmoothGrad x input, or Integrated Gradients from a black image (default: smoothgrad)")
     p.add_argument("--samples", type=int, default=8, help="forward and backward passes (default: 8)")
     p.add_argument("--json", action="store_true", help="print the answer, the map's peak and provenance as JSON")
-    _add_model_args(p, remote=False)
+    _add_model_args(p)
     _add_framing_args(p)
     p.set_defaults(func=cmd_explain)
 

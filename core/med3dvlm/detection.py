@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .attribution import frozen
+from .attribution import Progress, frozen
+from .cancel import CancelToken
 from .checkpoints import WEIGHTS_NAME, load_weights, read_config, save_weights, write_config
 from .data.medmom_samples import StudySample, collate_studies
 from .detection_result import DetectionResult, LabelScore
@@ -155,9 +156,11 @@ class Detector:
         return names.index(key)
 
     def explain(self, volume_or_study: StudyLike, label: str | tuple[str, str], region: Region | None = None, *,
-                method: str = "smoothgrad", samples: int = 8) -> dict[str, Evidence]:
+                method: str = "smoothgrad", samples: int = 8, cancel: CancelToken | None = None,
+                progress: Progress | None = None) -> dict[str, Evidence]:
         """Evidence for one label's score: a map on each volume's grid, by sequence. The score is
-        the label's logit; the answer is its probability."""
+        the label's logit; the answer is its probability. ``cancel``, ``progress``: see
+        ``attribution.attribute``."""
         study = as_study(volume_or_study, self.sequences)
         index, names = self.label_index(label), list(study)
         inputs = [prepare_input(study[n], self.preprocess_config, region, device=self.device) for n in names]
@@ -169,7 +172,8 @@ class Detector:
             return self.model(x[None], ids, mask)["logits"][0, index]
 
         with frozen(self.model):
-            maps = evidence_maps(logit, images, [study[n] for n in names], [r for _, r in inputs], method, samples)
+            maps = evidence_maps(logit, images, [study[n] for n in names], [r for _, r in inputs], method, samples,
+                                 cancel=cancel, progress=progress)
             with torch.no_grad():
                 probability = float(torch.sigmoid(logit(images)))
         question = LabelScore(*self.labels[index], probability, 0.0).label

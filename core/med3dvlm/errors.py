@@ -16,6 +16,10 @@ class ModelError(Med3DVLMError):
     """A model folder is missing, incomplete, corrupted or does not match the architecture."""
 
 
-
 class RegionError(VolumeError):
     """A region of interest is empty, outside the volume, or too small for the model's input."""
+
+
+class Med3DVLMWarning(UserWarning):
+    """An answer was made otherwise than the model was trained or asked (one sentence): a model
+    server passes these on to its client with the answer."""

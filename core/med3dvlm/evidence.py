@@ -12,12 +12,12 @@ support the answer, negative ones speak against it.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from .attribution import attribute, frozen
+from .attribution import Progress, attribute, frozen
+from .cancel import CancelToken
+from .explained import Evidence
 from .geometry import to_volume_grid
 from .model_input import prepare_input
 from .models.vlm import IGNORE_INDEX
@@ -26,37 +26,14 @@ from .region import Region
 from .volume import Volume
 
 
-@dataclass
-class Evidence:
-    """``map``: relevance of each voxel of the volume to ``answer`` (float32, the volume's grid and
-    affine); ``question``: what was asked (None for a report; the label for a score); ``method``:
-    the attribution method; ``preprocessing``: what the model received (``model_input``'s record)."""
-
-    map: Volume
-    answer: str
-    question: str | None
-    method: str
-    preprocessing: dict
-
-    @property
-    def peak_ras(self) -> list[float]:
-        """RAS mm of the voxel that supports the answer most."""
-        index = np.unravel_index(int(np.argmax(self.map.array)), self.map.shape)
-        return (self.map.affine @ np.array([*index, 1.0]))[:3].tolist()
-
-    def to_dict(self) -> dict:
-        """Everything but the map's voxels, as plain JSON."""
-        return {"answer": self.answer, "question": self.question, "method": self.method,
-                "peak_ras": self.peak_ras, "shape": list(self.map.shape), "affine": self.map.affine.tolist(),
-                "preprocessing": self.preprocessing}
-
-
 def evidence_maps(score: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor,
                   volumes: Sequence[Volume], records: Sequence[dict], method: str = "smoothgrad",
-                  samples: int = 8, save_memory: bool = False) -> list[Volume]:
+                  samples: int = 8, save_memory: bool = False, cancel: CancelToken | None = None,
+                  progress: Progress | None = None) -> list[Volume]:
     """Attribution of ``score`` to ``pixels`` (the (1, D, H, W) inputs made from ``volumes``,
     stacked), each carried back onto its volume's grid (see ``attribution.attribute``)."""
-    attribution = attribute(score, pixels, method, samples, save_memory=save_memory).cpu()
+    attribution = attribute(score, pixels, method, samples, save_memory=save_memory, cancel=cancel,
+                            progress=progress).cpu()
     return [Volume(to_volume_grid(a[0], v, r), v.affine.copy(), modality=v.modality, sequence=v.sequence,
                    source=f"evidence map on {v.name}") for a, v, r in zip(attribution, volumes, records)]
 
@@ -64,7 +41,8 @@ def evidence_maps(score: Callable[[torch.Tensor], torch.Tensor], pixels: torch.T
 def explain_answer(model, tokenizer, volume: Volume, config: PreprocessConfig, prompt: str, answer: str,
                    question: str | None, *, region: Region | None = None, window: Sequence[float] | None = None,
                    device: torch.device | None = None, method: str = "smoothgrad", samples: int = 8,
-                   save_memory: bool = False) -> Evidence:
+                   save_memory: bool = False, cancel: CancelToken | None = None,
+                   progress: Progress | None = None) -> Evidence:
     """Evidence for ``answer`` to ``prompt`` from a Med3DVLM-style ``model`` (its forward takes
     ``pixels`` and ``labels``), for the volume cropped to ``region`` and shown in ``window``."""
     pixels, record = prepare_input(volume, config, region, window, device)
@@ -78,5 +56,6 @@ def explain_answer(model, tokenizer, volume: Volume, config: PreprocessConfig, p
         return -model(input_ids=ids, labels=labels, pixels=image).loss * len(answer_ids)
 
     with frozen(model):
-        (evidence,) = evidence_maps(log_likelihood, pixels[None], [volume], [record], method, samples, save_memory)
+        (evidence,) = evidence_maps(log_likelihood, pixels[None], [volume], [record], method, samples, save_memory,
+                                    cancel, progress)
     return Evidence(evidence, answer, question, method, record)

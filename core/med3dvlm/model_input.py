@@ -15,13 +15,13 @@ from collections.abc import Sequence
 
 import torch
 
-from .errors import Med3DVLMError
+from .errors import Med3DVLMError, Med3DVLMWarning
 from .preprocess import DEFAULT_BODY_REGION, WINDOWS, PreprocessConfig, applied, prepare
 from .region import Region, box_text, crop_to_region, parse_region
 from .volume import Volume
 
 
-class WindowWarning(UserWarning):
+class WindowWarning(Med3DVLMWarning):
     """A window other than the one the model was trained with was used."""
 
 

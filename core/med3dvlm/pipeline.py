@@ -23,16 +23,18 @@ import torch
 
 from . import prompts
 from .answerer import TokenCallback
-from .cancel import CancelToken
+from .attribution import Progress
+from .cancel import Cancelled, CancelToken
 from .detection import DetectionResult, Detector
 from .loading import DETECTOR_FOLDER, load_model
 from .official import stop_token_ids
 from .quantization import quantization_of
-from .errors import Med3DVLMError, ModelError
+from .errors import Med3DVLMError, Med3DVLMWarning, ModelError
 from .generation import ANSWER_SETTINGS, REPORT_SETTINGS, CallbackStreamer, GenerationSettings, stopping_criteria
-from .evidence import Evidence, explain_answer
+from .evidence import explain_answer
+from .explained import Evidence, ModelView
 from .model_input import framing_key, input_record, prepare_input
-from .model_view import ModelView, model_view
+from .model_view import model_view
 from .preprocess import PRESETS, PreprocessConfig
 from .provenance import record
 from .readers import as_volume
@@ -44,9 +46,10 @@ from .volume_cache import Recent, known_volumes
 VolumeLike = Volume | str | os.PathLike | tuple[np.ndarray, np.ndarray]
 Window = tuple[float, float]  # (centre, width) of a CT window, in place of the preset's
 GENERATION_DEFAULTS = {"report": REPORT_SETTINGS, "ask": ANSWER_SETTINGS}
+DETECTOR_TASKS = ("detect", "explain-score")  # tasks whose volumes the detector's preprocessing prepares
 
 
-class ContextWarning(UserWarning):
+class ContextWarning(Med3DVLMWarning):
     """Earlier chat turns were dropped so that the prompt fits the model's context."""
 
 
@@ -123,7 +126,7 @@ class Pipeline:
 
     def describe(self) -> dict:
         return {"name": self.model_name, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-                "quantization": self.quantization, "capabilities": ["report", "ask"]
+                "quantization": self.quantization, "capabilities": ["report", "ask", "explain", "view"]
                 + ["retrieve"] * (self.retrieval is not None) + ["detect"] * (self.detector is not None)}
 
     # ----- volumes and image tokens -------------------------------------------------------------
@@ -162,14 +165,16 @@ class Pipeline:
     # ----- provenance ----------------------------------------------------------------------------
     def provenance(self, task: str, volume=None, *, region: Region | None = None, window: Window | None = None,
                    **settings) -> dict:
-        """How ``task`` ("report", "ask", "detect", "retrieve", "evaluate") is done for ``volume``
-        (for "detect" also a list or {sequence: volume} study) with these generation ``settings``
-        (as passed to report/ask): model, weights digest, package, device, precision,
+        """How ``task`` ("report", "ask", "detect", "retrieve", "explain", "explain-score", "view",
+        "evaluate") is done for ``volume`` (for the detector's tasks also a list or {sequence: volume}
+        study) with these generation ``settings`` (as passed to report/ask): model, weights digest,
+        package, device, precision,
         quantization, the preprocessing applied to each volume, generation settings, seed (see
         provenance.record). Plain JSON; callers add ``seconds``. Report and ask return text, so
         this is how their callers learn what produced it; a volume they encoded is not read,
         preprocessed or encoded again here. ``region`` and ``window`` as given to the task."""
-        config = self.detector.preprocess_config if task == "detect" and self.detector else self.preprocess_config
+        detector = task in DETECTOR_TASKS and self.detector is not None
+        config = self.detector.preprocess_config if detector else self.preprocess_config
         preprocessing = {"preset": {k: v for k, v in asdict(config).items() if k != "dtype"},
                          "volumes": [self._applied(task, v, config, sequence, region, window)
                              for sequence, v in _members(volume)]}
@@ -182,7 +187,7 @@ class Pipeline:
         if task in GENERATION_DEFAULTS:  # encoded for the answer: remembered with its image tokens
             return self._encoded(volume, region, window)[1]
         loaded = self.as_volume(volume)
-        return {**({"sequence": sequence or loaded.sequence} if task == "detect" else {}),
+        return {**({"sequence": sequence or loaded.sequence} if task in DETECTOR_TASKS else {}),
                 **input_record(loaded, config, region, window)}
 
     # ----- generation ----------------------------------------------------------------------------
@@ -353,38 +358,46 @@ class Pipeline:
     def explain(self, volume: VolumeLike, question: str | None = None, answer: str | None = None,
                 region: Region | None = None, *, window: Window | None = None, choices: Sequence[str] | None = None,
                 history: Sequence[tuple[str, str]] = (), method: str = "smoothgrad", samples: int = 8,
-                save_memory: bool = False) -> Evidence:
-        """Evidence map of an answer on the volume's own grid (see ``evidence.Evidence``).
+                save_memory: bool = False, on_token: TokenCallback | None = None, cancel: CancelToken | None = None,
+                progress: Progress | None = None) -> Evidence:
+        """Evidence map of an answer on the volume's own grid (see ``explained.Evidence``).
 
         ``question`` None explains the report, else the answer to the question (with ``choices``
-        and earlier ``history`` as for ``ask``); ``answer`` None generates it greedily first.
-        ``method`` "smoothgrad" or "integrated" with ``samples`` forward and backward passes;
-        ``save_memory`` keeps the backward's activations in host memory (a 7B model on one GPU).
+        and earlier ``history`` as for ``ask``); ``answer`` None generates it greedily first
+        (streamed to ``on_token``). ``method`` "smoothgrad" or "integrated" with ``samples``
+        forward and backward passes, ``progress(done, samples)`` after each; ``save_memory`` keeps
+        the backward's activations in host memory (a 7B model on one GPU). ``cancel`` stops it
+        with Cancelled: an unfinished map or answer is not one to show.
         """
         volume = self.as_volume(volume)
         if question is None:
             prompt = prompts.report_prompt(self.num_image_tokens)
             if answer is None:
-                answer = self.report(volume, region=region, window=window, do_sample=False)
+                answer = self.report(volume, region=region, window=window, do_sample=False, on_token=on_token,
+                                     cancel=cancel)
         else:
             question = _question(question)
             if answer is None:
                 answer = self.ask(volume, question, history=history, choices=choices, region=region, window=window,
-                                  do_sample=False)
+                                  do_sample=False, on_token=on_token, cancel=cancel)
             history = self._fit_history(question, list(history), choices, 0)
             prompt = prompts.vqa_prompt(self.num_image_tokens, question, history, choices)
+        if cancel is not None and cancel.cancelled:
+            raise Cancelled("The answer to explain was stopped before it was complete.")
         with self._lock, _friendly_oom("explaining the answer"):
             return explain_answer(self.model, self.tokenizer, volume, self.preprocess_config, prompt, answer, question,
                                   region=region, window=window, device=self.device, method=method, samples=samples,
-                                  save_memory=save_memory)
+                                  save_memory=save_memory, cancel=cancel, progress=progress)
 
     def explain_detection(self, volume_or_study, label: str | tuple[str, str], region: Region | None = None, *,
-                          method: str = "smoothgrad", samples: int = 8) -> dict[str, Evidence]:
+                          method: str = "smoothgrad", samples: int = 8, cancel: CancelToken | None = None,
+                          progress: Progress | None = None) -> dict[str, Evidence]:
         """Evidence for one abnormality score (``"cyst in the liver"`` or ``("liver", "cyst")``): a
         map on each volume's grid, by sequence (see ``Detector.explain``)."""
         study = self._study(volume_or_study)
         with self._lock, _friendly_oom("explaining the score"):
-            return self.detector.explain(study, label, region, method=method, samples=samples)
+            return self.detector.explain(study, label, region, method=method, samples=samples, cancel=cancel,
+                                         progress=progress)
 
     # ----- retrieval -------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -17,7 +17,8 @@ import hashlib
 import ipaddress
 import json
 import math
-from collections.abc import Callable, Iterator
+import zlib
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import numpy as np
@@ -137,12 +138,37 @@ def digest_steps(volume: Volume, check: Callable[[], None] = lambda: None):
 
 
 def volume_digest(volume: Volume) -> str:
-    steps = digest_steps(volume)
+    return run_steps(digest_steps(volume))
+
+
+def run_steps(steps: Generator[None, None, Any]) -> Any:
+    """The value of a generator of steps (``digest_steps``, ``inflate_steps``), run to its end at once."""
     while True:
         try:
             next(steps)
         except StopIteration as stop:
             return stop.value
+
+
+def inflate_steps(data: bytes, expected: int):
+    """Generator: deflated voxels inflated a CHUNK of output per step (yields None), returned whole;
+    ValueError with a sentence unless they are exactly ``expected`` bytes. Inflating stops soon
+    after ``expected``, so a small body cannot expand into much more memory than it announced."""
+    inflater, parts, size, pending = zlib.decompressobj(), [], 0, data
+    try:
+        while not inflater.eof and size <= expected:
+            part = inflater.decompress(pending, CHUNK)
+            pending = inflater.unconsumed_tail
+            if not part and not pending:
+                break  # the data ended before the deflate stream did
+            parts.append(part)
+            size += len(part)
+            yield None
+    except zlib.error:
+        raise ValueError("The voxels are not valid deflate data; they were corrupted on the way.") from None
+    if not inflater.eof or inflater.unused_data or size != expected:
+        raise ValueError(f"The deflated voxels hold more or fewer than the {expected} bytes their header describes.")
+    return b"".join(parts)
 
 
 def is_digest(text: str) -> bool:

@@ -12,14 +12,16 @@ asked about again (same size and modification time) is not even read again.
 from __future__ import annotations
 
 import os
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 
 from .. import prompts
 from ..answerer import TokenCallback
-from ..cancel import CancelToken
+from ..cancel import Cancelled, CancelToken
 from ..detection_result import DetectionResult
 from ..errors import Med3DVLMError
+from ..explained import Evidence, ModelView
 from ..readers import as_volume
 from ..volume import Volume
 from ..volume_cache import known_volumes
@@ -91,6 +93,8 @@ class RemotePipeline:
             except StopIteration as stop:
                 yield from pending
                 self.last_provenance = stop.value.get("provenance")
+                for message in stop.value.get("warnings", ()):
+                    warnings.warn(message, ServerWarning, stacklevel=4)
                 yield stop.value
                 return
             while pending:
@@ -116,36 +120,38 @@ class RemotePipeline:
             if event["event"] == "token":
                 yield event["text"]
 
-    def _final(self, volumes: list, job: Job) -> dict:
+    def _final(self, volumes: list, job: Job, cancel: CancelToken | None = None) -> dict:
         final = {}
-        for final in self._events(volumes, job, None):
+        for final in self._events(volumes, job, cancel):
             pass
         return final
 
-    def _report(self, instruction: str, settings: dict) -> Job:
+    def _report(self, instruction: str, settings: dict, region, window) -> Job:
         return lambda digests, on_event: tasks.report(self.server, digests[0], on_event, instruction=instruction,
-                                                      generation=settings)
+                                                      generation=settings, region=region, window=window)
 
-    def _ask(self, question: str, history, choices, settings: dict) -> Job:
+    def _ask(self, question: str, history, choices, settings: dict, region, window) -> Job:
         if not (question or "").strip():
             raise Med3DVLMError("The question is empty; type a question about the volume.")
         return lambda digests, on_event: tasks.ask(self.server, digests[0], question, on_event, history=history,
-                                                   choices=choices, generation=settings)
+                                                   choices=choices, generation=settings, region=region, window=window)
 
     def report(self, volume, *, instruction: str = prompts.REPORT_PROMPT, on_token: TokenCallback | None = None,
-               cancel: CancelToken | None = None, **settings) -> str:
-        return self._text(volume, self._report(instruction, settings), on_token, cancel)
+               cancel: CancelToken | None = None, region=None, window=None, **settings) -> str:
+        return self._text(volume, self._report(instruction, settings, region, window), on_token, cancel)
 
     def ask(self, volume, question: str, *, history: Sequence[tuple[str, str]] = (),
             choices: Sequence[str] | None = None, on_token: TokenCallback | None = None,
-            cancel: CancelToken | None = None, **settings) -> str:
-        return self._text(volume, self._ask(question, history, choices, settings), on_token, cancel)
+            cancel: CancelToken | None = None, region=None, window=None, **settings) -> str:
+        return self._text(volume, self._ask(question, history, choices, settings, region, window), on_token, cancel)
 
-    def stream_report(self, volume, *, instruction: str = prompts.REPORT_PROMPT, cancel=None, **settings):
-        return self._stream(volume, self._report(instruction, settings), cancel)
+    def stream_report(self, volume, *, instruction: str = prompts.REPORT_PROMPT, cancel=None, region=None,
+                      window=None, **settings):
+        return self._stream(volume, self._report(instruction, settings, region, window), cancel)
 
-    def stream_ask(self, volume, question: str, *, history=(), choices=None, cancel=None, **settings):
-        return self._stream(volume, self._ask(question, history, choices, settings), cancel)
+    def stream_ask(self, volume, question: str, *, history=(), choices=None, cancel=None, region=None, window=None,
+                   **settings):
+        return self._stream(volume, self._ask(question, history, choices, settings, region, window), cancel)
 
     def report_batch(self, volumes: Sequence, *, batch_size: int = 1, progress: Callable[[int], None] | None = None,
                      **settings) -> list[str]:
@@ -157,21 +163,66 @@ class RemotePipeline:
                 progress(1)
         return reports
 
-    def detect(self, volume_or_study) -> DetectionResult:
-        """MRI abnormality scores for a volume, a list of volumes or a ``{sequence: volume}`` study."""
-        if isinstance(volume_or_study, dict):
-            sequences, volumes = list(volume_or_study), list(volume_or_study.values())
-        else:
-            sequences = None
-            volumes = volume_or_study if isinstance(volume_or_study, list) else [volume_or_study]
+    def detect(self, volume_or_study, region=None) -> DetectionResult:
+        """MRI abnormality scores for a volume, a list of volumes or a ``{sequence: volume}`` study
+        (or for ``region`` of it: two opposite corners in RAS mm)."""
+        sequences, volumes = _study(volume_or_study)
         final = self._final(volumes, lambda digests, on_event: tasks.detect(self.server, digests, on_event,
-                                                                            sequences=sequences))
+                                                                            sequences=sequences, region=region))
         return DetectionResult.from_dict(final["detection"])
 
     def retrieve(self, volume, texts: Sequence[str]) -> list[tuple[int, float]]:
         final = self._final([volume], lambda digests, on_event: tasks.retrieve(self.server, digests[0], texts,
                                                                                on_event))
         return [(int(index), float(score)) for index, score in final["ranking"]]
+
+    # ----- what the model saw, and where its answers came from -------------------------------------
+    def explain(self, volume, question: str | None = None, answer: str | None = None, region=None, *, window=None,
+                choices: Sequence[str] | None = None, history: Sequence[tuple[str, str]] = (),
+                method: str = "smoothgrad", samples: int = 8, cancel: CancelToken | None = None) -> Evidence:
+        """As ``Pipeline.explain``: the evidence map of an answer (or of the report), made by the
+        server and downloaded, on the volume's own grid. Stopped by ``cancel``: Cancelled."""
+        final = self._final([volume], lambda digests, on_event: tasks.explain(
+            self.server, digests[0], on_event, question=question, answer=answer, history=history, choices=choices,
+            region=region, window=window, method=method, samples=samples), cancel)
+        return _evidence(_found(final))
+
+    def explain_detection(self, volume_or_study, label: str, region=None, *, method: str = "smoothgrad",
+                          samples: int = 8, cancel: CancelToken | None = None) -> dict[str, Evidence]:
+        """As ``Pipeline.explain_detection``: one abnormality score's evidence, a map per sequence."""
+        sequences, volumes = _study(volume_or_study)
+        final = self._final(volumes, lambda digests, on_event: tasks.explain_score(
+            self.server, digests, label, on_event, sequences=sequences, region=region, method=method,
+            samples=samples), cancel)
+        return {sequence: _evidence(found) for sequence, found in _found(final).items()}
+
+    def model_view(self, volume, region=None, window=None) -> ModelView:
+        """As ``Pipeline.model_view``: what the server's model receives from the volume, over the scan."""
+        final = self._final([volume], lambda digests, on_event: tasks.view(self.server, digests[0], on_event,
+                                                                           region=region, window=window))
+        return ModelView.from_dict(final["view"], final["view"]["volume"])
+
+
+class ServerWarning(UserWarning):
+    """The server made an answer otherwise than its model was trained or asked (a CT window of the
+    client's, earlier turns left out of the prompt): its sentence."""
+
+
+def _study(volume_or_study) -> tuple[list[str] | None, list]:
+    """(sequences or None, volumes) of a volume, a list or a {sequence: volume} study."""
+    if isinstance(volume_or_study, dict):
+        return list(volume_or_study), list(volume_or_study.values())
+    return None, volume_or_study if isinstance(volume_or_study, list) else [volume_or_study]
+
+
+def _found(final: dict) -> dict:
+    if "evidence" not in final:  # the server answered "done" without it: it was stopped
+        raise Cancelled("The evidence map was stopped before it was complete.")
+    return final["evidence"]
+
+
+def _evidence(found: dict) -> Evidence:
+    return Evidence.from_dict(found, found["map"])
 
 
 def connect(url: str, token: str | None = None, ca_file: str | None = None) -> RemotePipeline:

@@ -1,8 +1,9 @@
 """One task per endpoint of the model server, and :func:`send_volume` (a volume's digest, uploading
-it unless the server has it). A job task (report, ask, detect, retrieve) passes the job's
-``queued``/``status``/``token`` events to ``on_event`` as they arrive and returns its ``done``
-event; an ``error`` event raises ServerError. Adding an endpoint: its router in server/endpoints/,
-its task here.
+it unless the server has it). A job task (report, ask, detect, retrieve, explain, explain_score,
+view) passes the job's ``queued``/``status``/``token`` events to ``on_event`` as they arrive and
+returns its ``done`` event; an ``error`` event raises ServerError. A job whose result is a volume
+(an evidence map, the model's view) downloads it too (:func:`result_volume`). Adding an endpoint:
+its router in server/endpoints/, its task here.
 
 All are generator tasks (see :mod:`.transport`), so the Slicer module runs them from its timer and
 ``med3dvlm.connect`` runs them blocking, with the same code.
@@ -18,7 +19,10 @@ from typing import Protocol
 from ..errors import Med3DVLMError
 from ..volume import Volume
 from ..volume_cache import Identity, KnownVolumes, identity
-from ..wire import VOLUME_HEADER, FINAL_EVENTS, digest_steps, header_text, voxel_bytes, wire_chunks, wire_header
+from ..wire import (
+    VOLUME_HEADER, FINAL_EVENTS, digest_steps, header_text, inflate_steps, parse_header, volume_from_bytes, voxel_bytes,
+    wire_chunks, wire_header,
+)
 from .transport import ConnectionLost, Server, ServerError, exchange
 
 JSON = [("Content-Type", "application/json")]
@@ -135,33 +139,103 @@ def volume_from_path(server: Server, path: str):
 
 
 # ----- jobs --------------------------------------------------------------------------------------------
+def framing(region=None, window=None) -> dict:
+    """The request fields of a region (two opposite corners in RAS mm: only that box of the volume
+    is shown to the model) and a CT window (centre, width), those given."""
+    fields = {"region": None if region is None else [list(corner) for corner in region],
+              "window": None if window is None else list(window)}
+    return {name: value for name, value in fields.items() if value is not None}
+
+
 def report(server: Server, digest: str, on_event: EventCallback, *, instruction: str | None = None,
-           generation: dict | None = None):
-    """Task: POST /report: a report of the volume, its tokens streamed."""
-    body = {"volume": digest, "generation": generation or {}}
+           generation: dict | None = None, region=None, window=None):
+    """Task: POST /report: a report of the volume (or of ``region``, in ``window``), its tokens streamed."""
+    body = {"volume": digest, "generation": generation or {}, **framing(region, window)}
     if instruction is not None:
         body["instruction"] = instruction
     return (yield from _job(server, "/report", body, on_event))
 
 
 def ask(server: Server, digest: str, question: str, on_event: EventCallback, *,
-        history: Sequence[tuple[str, str]] = (), choices: Sequence[str] | None = None, generation: dict | None = None):
-    """Task: POST /ask: an answer about the volume given earlier (question, answer) turns, streamed."""
+        history: Sequence[tuple[str, str]] = (), choices: Sequence[str] | None = None, generation: dict | None = None,
+        region=None, window=None):
+    """Task: POST /ask: an answer about the volume (or ``region``, in ``window``) given earlier
+    (question, answer) turns, streamed."""
     return (yield from _job(server, "/ask", {"volume": digest, "question": question,
                                               "history": [list(turn) for turn in history],
                                               "choices": list(choices) if choices else None,
-                                              "generation": generation or {}}, on_event))
+                                              "generation": generation or {}, **framing(region, window)}, on_event))
 
 
-def detect(server: Server, digests: Sequence[str], on_event: EventCallback, *, sequences: Sequence[str] | None = None):
-    """Task: POST /detect: MRI abnormality scores for a volume or a study (each volume's sequence, in order)."""
+def detect(server: Server, digests: Sequence[str], on_event: EventCallback, *, sequences: Sequence[str] | None = None,
+           region=None):
+    """Task: POST /detect: MRI abnormality scores for a volume or a study (each volume's sequence, in
+    order), or for ``region`` of it."""
     return (yield from _job(server, "/detect", {"volumes": list(digests),
-                                                 "sequences": list(sequences) if sequences else None}, on_event))
+                                                 "sequences": list(sequences) if sequences else None,
+                                                 **framing(region)}, on_event))
 
 
 def retrieve(server: Server, digest: str, texts: Sequence[str], on_event: EventCallback):
     """Task: POST /retrieve: the texts ranked for the volume."""
     return (yield from _job(server, "/retrieve", {"volume": digest, "texts": list(texts)}, on_event))
+
+
+def explain(server: Server, digest: str, on_event: EventCallback, *, question: str | None = None,
+            answer: str | None = None, history: Sequence[tuple[str, str]] = (), choices: Sequence[str] | None = None,
+            region=None, window=None, method: str = "smoothgrad", samples: int = 8):
+    """Task: POST /explain, then the map's download: the ``done`` event, in which ``evidence["map"]``
+    is the evidence map as a Volume (no ``evidence`` when stopped). ``question`` None: the report;
+    ``answer`` None: the model's own, generated first (its tokens streamed)."""
+    final = yield from _job(server, "/explain", {
+        "volume": digest, "question": question, "answer": answer, "history": [list(turn) for turn in history],
+        "choices": list(choices) if choices else None, "method": method, "samples": samples,
+        **framing(region, window)}, on_event)
+    if "evidence" in final:
+        final["evidence"]["map"] = yield from result_volume(server, final["evidence"]["map"])
+    return final
+
+
+def explain_score(server: Server, digests: Sequence[str], label: str, on_event: EventCallback, *,
+                  sequences: Sequence[str] | None = None, region=None, method: str = "smoothgrad", samples: int = 8):
+    """Task: POST /explain/score, then the maps' download: the ``done`` event, in which each
+    ``evidence[sequence]["map"]`` is a Volume (no ``evidence`` when stopped)."""
+    final = yield from _job(server, "/explain/score", {
+        "volumes": list(digests), "sequences": list(sequences) if sequences else None, "label": label,
+        "method": method, "samples": samples, **framing(region)}, on_event)
+    for found in final.get("evidence", {}).values():
+        found["map"] = yield from result_volume(server, found["map"])
+    return final
+
+
+def view(server: Server, digest: str, on_event: EventCallback, *, region=None, window=None):
+    """Task: POST /view, then the input's download: the ``done`` event, in which ``view["volume"]`` is
+    the model's input as a Volume placed over the scan."""
+    final = yield from _job(server, "/view", {"volume": digest, **framing(region, window)}, on_event)
+    final["view"]["volume"] = yield from result_volume(server, final["view"]["volume"])
+    return final
+
+
+def result_volume(server: Server, digest: str):
+    """Task: GET /results/{digest}: a volume the server made, deflated from a remote server, inflated
+    and hashed a chunk at a time (a UI stays responsive) and checked against its digest."""
+    response = yield from exchange(server, "GET", f"/results/{digest}",
+                                   headers=[] if server.is_local else [("Accept-Encoding", "deflate")])
+    if response.status != 200:
+        raise response.error()
+    try:
+        header = parse_header(response.headers.get(VOLUME_HEADER.lower()))
+        data, expected = response.body, voxel_bytes(header)
+        if response.headers.get("content-encoding") == "deflate":
+            data = yield from inflate_steps(data, expected)
+        if len(data) != expected:
+            raise ValueError(f"The result holds {len(data)} voxel bytes, but its header describes {expected}.")
+    except ValueError as error:  # its sentence says what was wrong with it
+        raise ServerError(str(error)) from None
+    volume = volume_from_bytes(header, data)
+    if (yield from digest_steps(volume)) != digest:
+        raise ServerError(f"The server's result {digest} arrived corrupted; ask for it again.")
+    return volume
 
 
 def cancel_job(server: Server, job_id: str):

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 
 from .._version import __version__
 from .config import ServerConfig, human_size
-from .endpoints import detect, generate, info, jobs, retrieve, volumes
+from .endpoints import detect, explain, generate, info, jobs, results, retrieve, view, volumes
 from .jobs import JobQueue
 from .volumes import VolumeStore
 
@@ -30,8 +30,9 @@ def create_app(load: Callable[[], object], config: ServerConfig = ServerConfig()
     app = FastAPI(title="med3dvlm model server", version=__version__, lifespan=lifespan)
     app.state.config = config
     app.state.volumes = VolumeStore(config.max_stored_bytes)
+    app.state.results = VolumeStore(config.max_result_bytes)
     app.state.model_label = model_label
-    for module in (info, volumes, generate, detect, retrieve, jobs):
+    for module in (info, volumes, generate, detect, retrieve, explain, view, results, jobs):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, config=config)
     app.add_exception_handler(RequestValidationError, _one_sentence)

@@ -19,6 +19,7 @@ class ServerConfig:
     max_volume_bytes: int = 2048 * MiB     # voxel bytes of one volume, after decompression
     max_request_bytes: int = 1 * MiB       # any other request body (questions, settings)
     max_stored_bytes: int = 8192 * MiB     # uploaded volumes kept, least recently used dropped first
+    max_result_bytes: int = 2048 * MiB     # evidence maps and model views awaiting download, likewise
     max_waiting: int = 32                  # jobs in line behind the running one
     allowed_folder: Path | None = None     # the one server-side folder clients may name files in
 

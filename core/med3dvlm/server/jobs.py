@@ -15,13 +15,14 @@ import logging
 import threading
 import time
 import uuid
+import warnings
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from ..answerer import Answerer
 from ..cancel import CancelToken
-from ..errors import Med3DVLMError
+from ..errors import Med3DVLMError, Med3DVLMWarning
 
 log = logging.getLogger("med3dvlm.server")
 Work = Callable[[Answerer, "Job"], dict]  # (pipeline, job) -> result fields of the "done" event
@@ -144,8 +145,25 @@ class JobQueue:
             job.emit("done", stopped=True)
             return
         started = time.perf_counter()
+        # Process-wide, but this thread is the only one that runs model code while it is set.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = self._work(job)
+        told = [str(w.message) for w in caught if issubclass(w.category, Med3DVLMWarning)]
+        for w in caught:
+            if not issubclass(w.category, Med3DVLMWarning):
+                log.warning("%s: %s", w.category.__name__, w.message)
+        if result is not None:
+            seconds = round(time.perf_counter() - started, 3)
+            if "provenance" in result:
+                result["provenance"]["seconds"] = seconds
+            job.emit("done", stopped=job.cancel.cancelled, model=self.model(), seconds=seconds,
+                     **({"warnings": told} if told else {}), **result)
+
+    def _work(self, job: Job) -> dict | None:
+        """The job's result, or None when it failed (its ``error`` event is sent)."""
         try:
-            result = job.work(self.pipeline, job)
+            return job.work(self.pipeline, job)
         except Med3DVLMError as error:
             job.emit("error", message=str(error))
         except MemoryError:
@@ -154,8 +172,4 @@ class JobQueue:
             log.exception("%s job failed", job.kind)
             job.emit("error", message=f"The server failed unexpectedly ({type(error).__name__}); "
                                       "the details are in the server's log.")
-        else:
-            seconds = round(time.perf_counter() - started, 3)
-            if "provenance" in result:
-                result["provenance"]["seconds"] = seconds
-            job.emit("done", stopped=job.cancel.cancelled, model=self.model(), seconds=seconds, **result)
+        return None

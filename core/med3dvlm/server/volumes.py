@@ -1,15 +1,15 @@
-"""Uploaded volumes, kept by content digest so that follow-up requests send only the digest."""
+"""Volumes kept by content digest: uploads, so that follow-up requests send only the digest, and the
+volumes jobs make (evidence maps, model views), until their clients download them."""
 
 from __future__ import annotations
 
 import threading
-import zlib
 from collections import OrderedDict
 
 from ..validation import validate_volume
 from ..volume import Volume
 from ..volume_cache import identity, known_volumes
-from ..wire import volume_digest, volume_from_bytes, voxel_bytes
+from ..wire import inflate_steps, run_steps, volume_digest, volume_from_bytes, voxel_bytes
 
 
 class UploadError(ValueError):
@@ -18,18 +18,14 @@ class UploadError(ValueError):
 
 def decode_upload(digest: str, header: dict, body: bytes, encoding: str) -> Volume:
     """The volume of an upload, checked against its header and digest and validated as a model
-    input (UploadError, VolumeError). Decompression stops at the size the header announces, so a
-    small compressed body cannot expand into more memory than the volume itself."""
+    input (UploadError, VolumeError). Decompression stops soon after the size the header announces,
+    so a small compressed body cannot expand into much more memory than the volume itself."""
     expected = voxel_bytes(header)
     if encoding == "deflate":
-        inflater = zlib.decompressobj()
         try:
-            data = inflater.decompress(body, expected)
-        except zlib.error:
-            raise UploadError("The volume's voxels are not valid deflate data; the upload was corrupted.") from None
-        if inflater.unconsumed_tail or inflater.unused_data or not inflater.eof:
-            raise UploadError(f"The upload holds more or fewer voxel bytes than its header's "
-                              f"{' x '.join(map(str, header['shape']))} {header['dtype']} volume.")
+            data = run_steps(inflate_steps(body, expected))
+        except ValueError as error:
+            raise UploadError(str(error)) from None
     else:
         data = body
     if len(data) != expected:
@@ -44,13 +40,14 @@ def decode_upload(digest: str, header: dict, body: bytes, encoding: str) -> Volu
 
 
 class VolumeStore:
-    """Least recently used volumes beyond ``max_bytes`` are dropped (their clients upload again)."""
+    """Least recently used volumes beyond ``max_bytes`` are dropped (their clients upload again, or
+    ask again for a result)."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self._volumes: OrderedDict[str, Volume] = OrderedDict()
         self._lock = threading.Lock()
-        self.uploads = 0  # volumes received, for operators and tests: a follow-up question adds none
+        self.uploads = 0  # volumes stored, for operators and tests: a follow-up question adds none
 
     def put(self, digest: str, volume: Volume) -> None:
         with self._lock:

@@ -1,4 +1,5 @@
-"""POST /detect: MRI abnormality scores (MedMAP) for one volume or a multi-sequence study."""
+"""POST /detect: MRI abnormality scores (MedMAP) for one volume or a multi-sequence study, or for a
+region of it (``region``: two opposite corners in RAS mm; recorded in the provenance)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, Field
 
 from ..auth import require_token
-from .common import stored_volume, stream_job
+from .common import RegionBox, RegionField, framing, stored_volume, stream_job
 
 router = APIRouter(dependencies=[Depends(require_token)])
 
@@ -14,6 +15,7 @@ router = APIRouter(dependencies=[Depends(require_token)])
 class DetectRequest(BaseModel):
     volumes: list[str] = Field(min_length=1, max_length=12, description="digests of the study's volumes")
     sequences: list[str] | None = Field(None, description="each volume's MRI sequence, in order (else guessed)")
+    region: RegionBox = RegionField
 
 
 @router.post("/detect")
@@ -25,9 +27,10 @@ async def detect(body: DetectRequest, request: Request):
     study = dict(zip(body.sequences, volumes)) if body.sequences else volumes
     if len(volumes) == 1 and not body.sequences:
         study = volumes[0]
+    framed = framing(request, volumes, body.region, detector=True)
 
     def work(pipeline, job):
         job.emit("status", stage="generating")
-        detection = pipeline.detect(study).to_dict()
-        return {"detection": detection, "provenance": pipeline.provenance("detect", study)}
+        detection = pipeline.detect(study, **framed).to_dict()
+        return {"detection": detection, "provenance": pipeline.provenance("detect", study, **framed)}
     return stream_job(request, "detect", work)

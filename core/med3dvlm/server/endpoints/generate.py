@@ -1,4 +1,7 @@
-"""POST /report and POST /ask: streamed text about an uploaded volume."""
+"""POST /report and POST /ask: streamed text about an uploaded volume, or about a region of it
+(``region``: two opposite corners in RAS mm) shown in a CT window of the client's (``window``);
+both are recorded in the answer's provenance, and a window other than the model's is answered
+with a warning (``warnings`` in the ``done`` event)."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from ... import prompts
 from ..auth import require_token
-from .common import Digest, Generation, stored_volume, stream_job
+from .common import Digest, Generation, RegionBox, RegionField, WindowField, framing, stored_volume, stream_job
 
 router = APIRouter(dependencies=[Depends(require_token)])
 Text = Field(min_length=1, max_length=4000)
@@ -17,6 +20,8 @@ class ReportRequest(BaseModel):
     volume: str = Digest
     instruction: str = Field(prompts.REPORT_PROMPT, min_length=1, max_length=4000)
     generation: Generation = Generation()
+    region: RegionBox = RegionField
+    window: tuple[float, float] | None = WindowField
 
 
 class AskRequest(BaseModel):
@@ -25,12 +30,14 @@ class AskRequest(BaseModel):
     history: list[tuple[str, str]] = Field([], max_length=64)
     choices: list[str] | None = Field(None, min_length=2, max_length=len(prompts.LETTERS))
     generation: Generation = Generation()
+    region: RegionBox = RegionField
+    window: tuple[float, float] | None = WindowField
 
 
-def _start(pipeline, job, volume):
-    """Encode (cached per volume) with progress, then a callback that streams each token."""
+def _start(pipeline, job, volume, framed: dict):
+    """Encode (cached per volume, region and window) with progress, then a callback that streams each token."""
     job.emit("status", stage="encoding")
-    pipeline.encode(volume)
+    pipeline.encode(volume, **framed)
     job.emit("status", stage="generating")
     count = 0
 
@@ -44,11 +51,12 @@ def _start(pipeline, job, volume):
 def _text_job(request: Request, body, task: str, generate):
     """Queue ``generate(pipeline, volume, on_token=..., cancel=..., **settings)`` as a streamed job."""
     volume = stored_volume(request, body.volume)
-    settings = body.generation.kwargs()
+    settings, framed = body.generation.kwargs(), framing(request, [volume], body.region, body.window)
 
     def work(pipeline, job):
-        text = generate(pipeline, volume, on_token=_start(pipeline, job, volume), cancel=job.cancel, **settings)
-        return {"text": text, "provenance": pipeline.provenance(task, volume, **settings)}
+        text = generate(pipeline, volume, on_token=_start(pipeline, job, volume, framed), cancel=job.cancel,
+                        **framed, **settings)
+        return {"text": text, "provenance": pipeline.provenance(task, volume, **framed, **settings)}
     return stream_job(request, task, work)
 
 
