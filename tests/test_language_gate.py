@@ -15,16 +15,36 @@ from med3dvlm.train.examples import caption_examples, vqa_examples
 from med3dvlm.train.oracle import (FACTS, LanguageGate, LanguageGateFailed, case_facts, language_gate,
                                    oracle_features, oracle_tokens)
 from med3dvlm.train.stages import build_vlm, vlm_stage
+from med3dvlm.train.truths import sample_cases
 
 
-def test_oracle_tokens_carry_the_facts_a_linear_read_out_recovers():
-    torch.manual_seed(0)
-    facts = (torch.rand(400, len(FACTS)) < 0.15).float()
-    tokens = torch.stack([oracle_tokens(f, 32, 64, noise=0.1) for f in facts]).flatten(1)
-    fit, test = slice(0, 300), slice(300, 400)
-    weights = torch.linalg.lstsq(tokens[fit], facts[fit]).solution
-    assert ((tokens[test] @ weights > 0.5) == facts[test].bool()).float().mean() > 0.99
-    assert torch.allclose(oracle_tokens(facts[0], 32, 64, noise=0.0), oracle_tokens(facts[0], 32, 64, noise=0.0))
+def test_oracle_tokens_carry_every_fact_size_and_location_a_linear_read_out_recovers():
+    cases = sample_cases(500, seed=0)
+    tokens = torch.stack([oracle_tokens(c, 32, 64, noise=0.1, generator=torch.Generator().manual_seed(i))
+                          for i, c in enumerate(cases)]).flatten(1)
+    facts = torch.stack([case_facts(c) for c in cases])
+    sizes = torch.tensor([[next((f["size_mm"] for f in c["findings"] if f"{f['organ']}/{f['kind']}" == name), 0.0)
+                           for name in FACTS] for c in cases])
+    fit, test = slice(0, 400), slice(400, 500)
+    read = torch.linalg.lstsq(tokens[fit], torch.cat([facts, sizes], 1)[fit]).solution
+    said = tokens[test] @ read
+    assert ((said[:, :len(FACTS)] > 0.5) == facts[test].bool()).float().mean() > 0.99
+    found = facts[test].bool()
+    assert (said[:, len(FACTS):][found] - sizes[test][found]).abs().mean() < 3.0   # mm
+    assert torch.equal(oracle_tokens(cases[0], 32, 64, noise=0.0), oracle_tokens(cases[0], 32, 64, noise=0.0))
+
+
+def test_a_query_for_what_is_present_finds_every_finding_in_one_direction():
+    """A pair's token keeps its key (organ + kind) whatever the truth; that it holds shows in one
+    direction shared by all facts, so the same query finds every present finding."""
+    def case(*pairs):
+        return {"modality": "CT", "phase": "non-contrast",
+                "findings": [{"organ": o, "kind": "fluid", "size_mm": 32, "location": "base", "center_mm": [0, 0, 0]}
+                             for o in pairs]}
+    empty, liver, lung = (oracle_tokens(case(*p), 32, 64, noise=0.0) for p in ((), ("liver",), ("right lung",)))
+    assert ((empty - liver).norm(dim=1) > 1e-6).tolist() == [n == "liver/fluid" for n in FACTS] + [False] * (32 - len(FACTS))
+    i, j = FACTS.index("liver/fluid"), FACTS.index("right lung/fluid")
+    assert torch.allclose(liver[i] - empty[i], lung[j] - empty[j], atol=1e-5)
 
 
 def test_case_facts_follow_labels_json(ct_dataset):

@@ -96,14 +96,21 @@ class LengthBatchedExamples(Dataset):
     """Instruction examples grouped into batches of similar length, each item one whole batch.
 
     Short VQA rows are then not padded to the length of a report, which more than halves the
-    LM's work per epoch; the trainer shuffles the order of the batches (use batch_size=1).
+    LM's work per epoch; the trainer shuffles the order of the batches (use batch_size=1). Lengths
+    are sorted within random pools of ``pool`` batches, not over the whole set: sorted globally,
+    a batch holds 32 answers of one length, mostly one answer ("Cyst in the liver (21 mm)") for 32
+    images, and each step teaches the LM that answer's prior instead of reading the image.
     """
 
     def __init__(self, features: dict[str, tuple[torch.Tensor, torch.Tensor]], examples: Sequence,
-                 batch_size: int) -> None:
+                 batch_size: int, seed: int = 0, pool: int = 16) -> None:
         self.features = features
-        ordered = sorted(examples, key=lambda ex: (len(ex.prompt) + len(ex.answer), ex.image, ex.prompt))
-        self.batches = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+        size = batch_size * pool
+        self.batches = []
+        for start in range(0, len(order), size):
+            chunk = sorted((examples[i] for i in order[start:start + size]), key=lambda ex: len(ex.prompt) + len(ex.answer))
+            self.batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
 
     def __len__(self) -> int:
         return len(self.batches)
