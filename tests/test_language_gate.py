@@ -34,17 +34,17 @@ def test_oracle_tokens_carry_every_fact_size_and_location_a_linear_read_out_reco
     assert torch.equal(oracle_tokens(cases[0], 32, 64, noise=0.0), oracle_tokens(cases[0], 32, 64, noise=0.0))
 
 
-def test_a_query_for_what_is_present_finds_every_finding_in_one_direction():
-    """A pair's token keeps its key (organ + kind) whatever the truth; that it holds shows in one
-    direction shared by all facts, so the same query finds every present finding."""
-    def case(*pairs):
+def test_present_findings_share_a_direction_one_query_finds_and_absent_ones_carry_nothing():
+    def case(*findings):
         return {"modality": "CT", "phase": "non-contrast",
-                "findings": [{"organ": o, "kind": "fluid", "size_mm": 32, "location": "base", "center_mm": [0, 0, 0]}
-                             for o in pairs]}
-    empty, liver, lung = (oracle_tokens(case(*p), 32, 64, noise=0.0) for p in ((), ("liver",), ("right lung",)))
-    assert ((empty - liver).norm(dim=1) > 1e-6).tolist() == [n == "liver/fluid" for n in FACTS] + [False] * (32 - len(FACTS))
-    i, j = FACTS.index("liver/fluid"), FACTS.index("right lung/fluid")
-    assert torch.allclose(liver[i] - empty[i], lung[j] - empty[j], atol=1e-5)
+                "findings": [{"organ": o, "kind": k, "size_mm": 32, "location": "base", "center_mm": [0, 0, 0]}
+                             for o, k in findings]}
+    empty = oracle_tokens(case(), 32, 64, noise=0.0)
+    two = oracle_tokens(case(("liver", "fluid"), ("spleen", "mass")), 32, 64, noise=0.0)
+    pairs = [i for i, name in enumerate(FACTS) if "/" in name]
+    assert empty[pairs].abs().max() == 0
+    liver, spleen = two[FACTS.index("liver/fluid")], two[FACTS.index("spleen/mass")]
+    assert torch.dot(liver, spleen) > 0.2 * liver.norm() * spleen.norm()   # no organ or kind in common
 
 
 def test_case_facts_follow_labels_json(ct_dataset):
@@ -80,7 +80,7 @@ def test_the_language_stage_trains_on_oracle_tokens_and_is_scored_like_a_model(t
     scores = language_gate(model, tokenizer, features, ct_dataset,
                            LanguageGate(recall=0.0, invented=1.0, closed_vqa=0.0, n_phantoms=4))
     assert scores["n_volumes"] == 4 and 0 <= scores["report_recall"] <= 1
-    assert scores["example_report"]
+    assert isinstance(scores["example_report"], str) and 0 <= scores["closed_vqa_accuracy"] <= 1
 
 
 def test_a_language_stage_below_the_gate_stops_the_build_in_one_sentence(tiny_language_stage, ct_dataset):

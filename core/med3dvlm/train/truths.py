@@ -70,6 +70,18 @@ def sample_cases(n: int, seed: int) -> list[dict]:
     return [sample_case(rng) for _ in range(n)]
 
 
+# Open questions answered by listing what is present: one query ("what holds?") reads them, the
+# same whatever the question, which a language model from scratch learns first (train.demo).
+READING_QUESTIONS = ("What abnormalities are present?", "Summarize the abnormal findings.",
+                     "How many abnormalities are there?")
+
+
+def reading_examples(key: str, case: dict, n_tokens: int, rng: np.random.Generator) -> list[Example]:
+    """The open questions of ``READING_QUESTIONS`` the phantom writers ask about one truth."""
+    return [Example(key, prompts.vqa_prompt(n_tokens, q["question"]), q["answer"])
+            for q in open_questions(CaseTruth.from_case(case), rng) if q["question"] in READING_QUESTIONS]
+
+
 def truth_examples(key: str, case: dict, n_tokens: int, rng: np.random.Generator, *,
                    reports: int = 1, questions: bool = True) -> list[Example]:
     """``reports`` reports and (with ``questions``) every closed and open question of the phantom

@@ -97,20 +97,17 @@ class LengthBatchedExamples(Dataset):
 
     Short VQA rows are then not padded to the length of a report, which more than halves the
     LM's work per epoch; the trainer shuffles the order of the batches (use batch_size=1). Lengths
-    are sorted within random pools of ``pool`` batches, not over the whole set: sorted globally,
-    a batch holds 32 answers of one length, mostly one answer ("Cyst in the liver (21 mm)") for 32
+    are bucketed coarsely (``bucket`` characters) and examples are in random order within a
+    bucket: sorted by exact length, a batch holds one answer ("Cyst in the liver (21 mm)") for 32
     images, and each step teaches the LM that answer's prior instead of reading the image.
     """
 
     def __init__(self, features: dict[str, tuple[torch.Tensor, torch.Tensor]], examples: Sequence,
-                 batch_size: int, seed: int = 0, pool: int = 16) -> None:
+                 batch_size: int, seed: int = 0, bucket: int = 48) -> None:
         self.features = features
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
-        size = batch_size * pool
-        self.batches = []
-        for start in range(0, len(order), size):
-            chunk = sorted((examples[i] for i in order[start:start + size]), key=lambda ex: len(ex.prompt) + len(ex.answer))
-            self.batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        ordered = sorted((examples[i] for i in order), key=lambda ex: (len(ex.prompt) + len(ex.answer)) // bucket)
+        self.batches = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
 
     def __len__(self) -> int:
         return len(self.batches)
