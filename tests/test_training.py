@@ -29,7 +29,7 @@ def tiny_recipe(**changes) -> DemoRecipe:
                    siglip={"epochs": 3, "batch_size": 6, "lr": 1e-3},
                    segmenter={"rounds": 1, "steps_per_round": 3, "batch_size": 4, "lr": 3e-3},
                    retrieval={"epochs": 2, "batch_size": 8, "lr": 1e-3},
-                   oracle_vlm={"epochs": 3, "batch_size": 16, "lr": 3e-3},
+                   oracle_truths=40, oracle_reading={"epochs": 1, "batch_size": 16}, oracle_vlm={"epochs": 3, "batch_size": 16, "lr": 3e-3},
                    projector_alignment={"epochs": 2, "batch_size": 8, "lr": 1e-3},
                    vlm={"epochs": 2, "batch_size": 16, "lr": 3e-3})
     return DemoRecipe(**{**options, **changes})

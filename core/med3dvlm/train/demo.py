@@ -4,7 +4,9 @@ gates that each prove one thing and stop the build loudly when they fail.
 1. Phantoms: CT datasets in the M3D layouts (shards in parallel), and the gate phantoms nobody
    trains on. A BPE tokenizer on their text.
 2. The language stage on oracle tokens (``oracle``): a small Qwen2 learns reports and VQA from
-   image tokens made of the phantom's truth; the language gate scores it on the gate phantoms.
+   image tokens made of the phantom's truth, for the phantoms and for many more truths drawn
+   without volumes (``truths``), first the questions that list what is present, then everything;
+   the language gate scores it on the gate phantoms.
 3. The image tower: a DCFormer-nano pre-trained on whole volumes with the sigmoid loss and
    organ-aware maps (``dense``), and a finding segmenter trained on lesion-centred crops
    (``lesion_crops``, scored on the gate phantoms after every round: the learning curve). Joined
@@ -35,7 +37,7 @@ from safetensors import safe_open
 from transformers import AutoTokenizer, Qwen2Config
 
 from ..checkpoints import WEIGHTS_NAME
-from ..data.lesions import PAIRS, Finding
+from ..data.lesions import PAIRS
 from ..data.m3d import CAP_JSON, CapItem, case_seed, read_cap, read_vqa, write_dataset
 from ..data.reports import write_report
 from ..errors import Med3DVLMError
@@ -52,8 +54,9 @@ from .dense import labels_present, tower_phantoms
 from .evidence_tower import refit_retrieval, with_evidence
 from .examples import caption_examples, vqa_examples
 from .lesion_crops import segmenter_phantoms, train_segmenter
-from .oracle import LanguageGate, language_gate, oracle_features
+from .oracle import LanguageGate, case_features, language_gate, oracle_features
 from .stages import align_projector, build_vlm, siglip_stage, vlm_stage
+from .truths import CaseTruth, reading_examples, sample_cases, truth_examples
 from .volumes import cached_pixels, encoder_features
 
 
@@ -88,7 +91,10 @@ class DemoRecipe:
                                                      "lr": 3e-3, "schedule": "constant", "grad_clip": None,
                                                      "log_every": 50})
     retrieval: dict = field(default_factory=lambda: {"epochs": 30, "batch_size": 64, "lr": 3e-3, "warmup_steps": 20})
-    oracle_vlm: dict = field(default_factory=lambda: {"epochs": 3, "batch_size": 32, "lr": 2e-3,
+    oracle_truths: int = 20000        # truths without volumes the oracle stage learns from as well
+    oracle_reading: dict = field(default_factory=lambda: {"epochs": 1, "max_steps": 800, "batch_size": 32, "lr": 2e-3,
+                                                          "weight_decay": 0.0, "warmup_steps": 20})
+    oracle_vlm: dict = field(default_factory=lambda: {"epochs": 1, "max_steps": 3000, "batch_size": 32, "lr": 2e-3,
                                                       "weight_decay": 0.0, "warmup_steps": 100})
     projector_alignment: dict = field(default_factory=lambda: {"epochs": 30, "batch_size": 32, "lr": 1e-3,
                                                                "warmup_steps": 20})
@@ -126,6 +132,7 @@ def write_shards(work: Path, n: int, seed: int, shards: int = 2) -> list[Path]:
 
 GATE_SEED = 1_000_000   # + recipe seed: the probe gate's phantoms, apart from training and evaluation
 TOWER_SEED = 2_000_000  # + recipe seed: the image tower's phantoms
+TRUTH_SEED = 3_000_000  # + recipe seed: the truths without volumes of the oracle stage
 
 
 class ProbeGateFailed(Med3DVLMError):
@@ -144,16 +151,6 @@ def token_probe(features: dict, fit: list[str], test: list[str], labels: dict, p
     return probe_auc(*stack(fit), *stack(test), names=[f"{o}/{k}" for o, k in PAIRS])
 
 
-@dataclass(frozen=True)
-class _CaseFacts:
-    """What ``write_report`` reads from a ground truth, rebuilt from a case of labels.json."""
-
-    modality: str
-    phase: str | None
-    findings: list[Finding]
-    organ_labels: dict[str, set[str]]
-
-
 def reworded_reports(roots: list[Path], copies: int, seed: int) -> list[CapItem]:
     """``copies`` more reports per training volume: same facts, other wordings and orders.
 
@@ -165,9 +162,7 @@ def reworded_reports(roots: list[Path], copies: int, seed: int) -> list[CapItem]
         for case in json.loads((root / "labels.json").read_text())["cases"]:
             if case["split"] != "train":
                 continue
-            facts = _CaseFacts(case["modality"], case["phase"],
-                               [Finding(**{**f, "center_mm": tuple(f["center_mm"])}) for f in case["findings"]],
-                               {organ: set(kinds) for organ, kinds in case["organ_labels"].items()})
+            facts = CaseTruth.from_case(case)
             for copy in range(1, copies + 1):
                 text = write_report(facts, np.random.default_rng([seed, int(case["seed"]), copy]))
                 out += [CapItem(root / image, text) for image in case["images"]]
@@ -221,11 +216,18 @@ def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | N
     examples = _vlm_examples(recipe, roots, caps, vqas, model.config.num_image_tokens)
     oracle = oracle_features(roots + [gate_root], model.config.num_image_tokens, recipe.lm_width,
                              recipe.language_gate.noise, recipe.seed)
-    # its inputs are the phantoms and the recipe alone: a rerun in the same work folder continues it
-    oracle_config = _train_config(recipe, work / "oracle", progress, recipe.oracle_vlm)
-    oracle_config.resume = (work / "oracle" / CHECKPOINT_DIR / "training_state.pt").is_file()
-    oracle_run = vlm_stage(model, oracle, examples, tokenizer, oracle_config, train_lm=True,
-                           max_length=recipe.lm_context)
+    truths = {f"truth:{i}": case for i, case in enumerate(sample_cases(recipe.oracle_truths, TRUTH_SEED + recipe.seed))}
+    oracle.update(case_features(truths, model.config.num_image_tokens, recipe.lm_width, recipe.language_gate.noise,
+                                recipe.seed))
+    rng = np.random.default_rng(TRUTH_SEED + recipe.seed)
+    truth_rows = [row for key, case in truths.items() for row in truth_examples(key, case, model.config.num_image_tokens, rng)]
+    # First what is present (one query, whatever the question), then everything: from scratch, the
+    # LM learns to read the tokens on the lists and only then on questions about one fact and reports.
+    reading = [row for key, case in truths.items() for row in reading_examples(key, case, model.config.num_image_tokens, rng)]
+    reading_run = _resumable_vlm_stage(model, oracle, reading, tokenizer, recipe, work / "oracle-reading", progress,
+                                       recipe.oracle_reading)
+    oracle_run = _resumable_vlm_stage(model, oracle, examples + truth_rows, tokenizer, recipe, work / "oracle", progress,
+                                      recipe.oracle_vlm)
     language = language_gate(model, tokenizer, oracle, gate_root, recipe.language_gate)
     log(f"language gate: recall {language['report_recall']:.3f}, invented {language['reports_with_invented_finding']:.3f}, "
         f"closed VQA {language['closed_vqa_accuracy']:.3f} on {language['n_volumes']} unseen phantoms from oracle tokens")
@@ -283,6 +285,7 @@ def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | N
     summary = {"recipe": asdict(recipe), "seconds": timings, "cpu_seconds": _cpu_seconds(),
                "resumed_from": str(resume) if resume else None, "examples": len(examples),
                "language_gate": language, "probes": probes, "segmenter_curve": curve,
+               "oracle_reading_loss": [reading_run.losses[0], reading_run.losses[-1]],
                "oracle_loss": [oracle_run.losses[0], oracle_run.losses[-1]],
                "projector_alignment_loss": [align_run.losses[0], align_run.losses[-1]],
                "vlm_loss": [vlm_run.losses[0], vlm_run.losses[-1]],
@@ -302,6 +305,15 @@ def _language_model(recipe: DemoRecipe, tokenizer) -> Qwen2Config:
 def _vlm_examples(recipe: DemoRecipe, roots: list[Path], caps, vqas, n_tokens: int) -> list:
     reports = caps + reworded_reports(roots, recipe.report_wordings - 1, recipe.seed)
     return caption_examples(reports, n_tokens, recipe.seed) + vqa_examples(vqas, n_tokens)
+
+
+def _resumable_vlm_stage(model, features: dict, examples: list, tokenizer, recipe: DemoRecipe, folder: Path,
+                        progress: bool, options: dict):
+    """An LM stage on oracle tokens; its inputs are the phantoms and the recipe alone, so a rerun in the
+    same work folder continues it."""
+    config = _train_config(recipe, folder, progress, options)
+    config.resume = (folder / CHECKPOINT_DIR / "training_state.pt").is_file()
+    return vlm_stage(model, features, examples, tokenizer, config, train_lm=True, max_length=recipe.lm_context)
 
 
 def _train_config(recipe: DemoRecipe, folder: Path, progress: bool, options: dict) -> TrainConfig:

@@ -98,7 +98,7 @@ def vlm_stage(model: Med3DVLM, features: dict, examples: Sequence[Example], toke
         return batch
 
     model.vision_tower.eval()  # frozen: BatchNorm keeps its statistics
-    batches = LengthBatchedExamples(features, examples, config.batch_size)
+    batches = LengthBatchedExamples(features, examples, config.batch_size, config.seed)
     result = train(model, batches, dataclasses.replace(config, batch_size=1), loss_fn=loss_fn,
                    collate_fn=collate, trainable=trainable)
     if lora_rank:
