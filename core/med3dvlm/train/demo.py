@@ -94,7 +94,7 @@ class DemoRecipe:
     oracle_truths: int = 20000        # truths without volumes the oracle stage learns from as well
     oracle_reading: dict = field(default_factory=lambda: {"epochs": 1, "max_steps": 800, "batch_size": 32, "lr": 2e-3,
                                                           "weight_decay": 0.0, "warmup_steps": 20})
-    oracle_vlm: dict = field(default_factory=lambda: {"epochs": 1, "max_steps": 3000, "batch_size": 32, "lr": 2e-3,
+    oracle_vlm: dict = field(default_factory=lambda: {"epochs": 1, "max_steps": 9000, "batch_size": 32, "lr": 2e-3,
                                                       "weight_decay": 0.0, "warmup_steps": 100})
     projector_alignment: dict = field(default_factory=lambda: {"epochs": 30, "batch_size": 32, "lr": 1e-3,
                                                                "warmup_steps": 20})
