@@ -8,7 +8,7 @@ import numpy as np
 from med3dvlm.data.lesions import ALLOWED, LOCATIONS, SIZE_MM
 from med3dvlm.data.reports import mentioned_findings
 from med3dvlm.train.examples import Example
-from med3dvlm.train.truths import CaseTruth, sample_cases, truth_examples
+from med3dvlm.train.truths import CaseTruth, is_reading, sample_cases, truth_examples
 from med3dvlm.train.volumes import LengthBatchedExamples
 
 
@@ -34,6 +34,9 @@ def test_a_truths_report_and_questions_are_the_phantom_writers(ct_dataset):
     closed = [e for e in examples if " Choices: " in e.prompt]
     assert closed and all(e.answer[0] in "ABCD" and e.answer[1] == "." for e in closed)
     assert all(e.image == "key" and e.prompt.startswith("<im_patch>" * 32) for e in examples)
+    reading = [e for e in examples if is_reading(e)]
+    assert len(reading) == 2 and all(" Choices: " not in e.prompt for e in reading)
+    assert any(e.answer == str(len(case["findings"])) for e in reading)
 
 
 def test_length_batches_mix_answers_of_one_bucket_instead_of_sorting_by_exact_length():

@@ -64,18 +64,10 @@ def _table(values: dict, column: int, default: float = 0.0) -> np.ndarray:
     return lut
 
 
-@dataclass
-class GroundTruth:
-    """What a phantom contains; label and finding maps index like the volume arrays."""
+class FindingFacts:
+    """What the report and question writers read from a truth's ``findings``."""
 
-    seed: int
-    modality: str                              # "CT" or "MR"
     findings: list[Finding]
-    label_map: np.ndarray                      # uint8, values of LABELS (0 = other)
-    finding_map: np.ndarray                    # uint8, i + 1 where findings[i] is drawn
-    phase: str | None = None                   # CT contrast phase (CT_PHASES)
-    sequences: tuple[str, ...] = ()            # MR sequences of the study
-    label_table: dict[int, str] = field(default_factory=lambda: dict(LABELS))
 
     @property
     def organ_labels(self) -> dict[str, set[str]]:
@@ -88,6 +80,20 @@ class GroundTruth:
     @property
     def pairs(self) -> set[tuple[str, str]]:
         return {(f.organ, f.kind) for f in self.findings}
+
+
+@dataclass
+class GroundTruth(FindingFacts):
+    """What a phantom contains; label and finding maps index like the volume arrays."""
+
+    seed: int
+    modality: str                              # "CT" or "MR"
+    findings: list[Finding]
+    label_map: np.ndarray                      # uint8, values of LABELS (0 = other)
+    finding_map: np.ndarray                    # uint8, i + 1 where findings[i] is drawn
+    phase: str | None = None                   # CT contrast phase (CT_PHASES)
+    sequences: tuple[str, ...] = ()            # MR sequences of the study
+    label_table: dict[int, str] = field(default_factory=lambda: dict(LABELS))
 
     def to_json(self) -> dict:
         return {"seed": self.seed, "modality": self.modality, "phase": self.phase,

@@ -56,7 +56,7 @@ from .examples import caption_examples, vqa_examples
 from .lesion_crops import segmenter_phantoms, train_segmenter
 from .oracle import LanguageGate, case_features, language_gate, oracle_features
 from .stages import align_projector, build_vlm, siglip_stage, vlm_stage
-from .truths import CaseTruth, reading_examples, sample_cases, truth_examples
+from .truths import CaseTruth, is_reading, sample_cases, truth_examples
 from .volumes import cached_pixels, encoder_features
 
 
@@ -223,7 +223,7 @@ def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | N
     truth_rows = [row for key, case in truths.items() for row in truth_examples(key, case, model.config.num_image_tokens, rng)]
     # First what is present (one query, whatever the question), then everything: from scratch, the
     # LM learns to read the tokens on the lists and only then on questions about one fact and reports.
-    reading = [row for key, case in truths.items() for row in reading_examples(key, case, model.config.num_image_tokens, rng)]
+    reading = [row for row in truth_rows if is_reading(row)]
     reading_run = _resumable_vlm_stage(model, oracle, reading, tokenizer, recipe, work / "oracle-reading", progress,
                                        recipe.oracle_reading)
     oracle_run = _resumable_vlm_stage(model, oracle, examples + truth_rows, tokenizer, recipe, work / "oracle", progress,

@@ -69,13 +69,15 @@ def oracle_tokens(case: dict, n_tokens: int, width: int, noise: float = 0.1, see
     holds = case_facts(case)
     tokens = torch.zeros(n_tokens, width)
     for i, name in enumerate(FACTS):
-        key = (d[name.split("/")[0]] + d[name.split("/")[1]]) / 2**0.5 if "/" in name else d[name]
-        if holds[i]:
-            tokens[i] = unit * (key + (d["present"] + d[f"value:{name}"]) / 2**0.5)
-        finding = found.get(tuple(name.split("/")))
+        if not holds[i]:
+            continue
+        words = name.split("/")
+        key = (d[words[0]] + d[words[1]]) / 2**0.5 if len(words) == 2 else d[name]
+        tokens[i] = unit * (key + (d["present"] + d[f"value:{name}"]) / 2**0.5)
+        finding = found.get(tuple(words))
         if finding is not None:
             tokens[i] += unit * (finding["size_mm"] - SIZE_MM_MID) / SIZE_MM_SPREAD * d["size"]
-            if finding["location"] in d:
+            if finding["location"] in d:   # fluid's location is its organ's: no direction of its own
                 tokens[i] += unit * d[finding["location"]]
     return tokens + noise * torch.randn(tokens.shape, generator=generator)
 

@@ -16,16 +16,15 @@ import numpy as np
 
 from .. import prompts
 from ..data.lesions import ABNORMALITIES, ALLOWED, FLUID_LOCATION, LOCATIONS, N_FINDINGS_P, ORGANS, SIZE_MM, Finding
-from ..data.phantoms import CT_PHASES
+from ..data.phantoms import CT_PHASES, FindingFacts
 from ..data.questions import closed_questions, open_questions
 from ..data.reports import write_report
 from .examples import REPORT_INSTRUCTIONS, Example
 
 
 @dataclass(frozen=True)
-class CaseTruth:
-    """What the report and question writers read from a ground truth, rebuilt from a case of
-    labels.json (or of ``sample_cases``)."""
+class CaseTruth(FindingFacts):
+    """A ground truth rebuilt from a case of labels.json (or of ``sample_cases``), for the writers."""
 
     modality: str
     phase: str | None
@@ -35,17 +34,6 @@ class CaseTruth:
     def from_case(cls, case: dict) -> CaseTruth:
         return cls(case["modality"], case["phase"],
                    [Finding(**{**f, "center_mm": tuple(f["center_mm"])}) for f in case["findings"]])
-
-    @property
-    def organ_labels(self) -> dict[str, set[str]]:
-        out: dict[str, set[str]] = {organ: set() for organ in ORGANS}
-        for f in self.findings:
-            out[f.organ].add(f.kind)
-        return out
-
-    @property
-    def pairs(self) -> set[tuple[str, str]]:
-        return {(f.organ, f.kind) for f in self.findings}
 
 
 def sample_case(rng: np.random.Generator) -> dict:
@@ -76,23 +64,19 @@ READING_QUESTIONS = ("What abnormalities are present?", "Summarize the abnormal 
                      "How many abnormalities are there?")
 
 
-def reading_examples(key: str, case: dict, n_tokens: int, rng: np.random.Generator) -> list[Example]:
-    """The open questions of ``READING_QUESTIONS`` the phantom writers ask about one truth."""
-    return [Example(key, prompts.vqa_prompt(n_tokens, q["question"]), q["answer"])
-            for q in open_questions(CaseTruth.from_case(case), rng) if q["question"] in READING_QUESTIONS]
+def is_reading(example: Example) -> bool:
+    """Whether an example asks one of ``READING_QUESTIONS``."""
+    return example.prompt.endswith(READING_QUESTIONS)
 
 
 def truth_examples(key: str, case: dict, n_tokens: int, rng: np.random.Generator, *,
-                   reports: int = 1, questions: bool = True) -> list[Example]:
-    """``reports`` reports and (with ``questions``) every closed and open question of the phantom
-    writers for one truth, as training examples of the image ``key``."""
+                   reports: int = 1) -> list[Example]:
+    """``reports`` reports and every closed and open question of the phantom writers for one
+    truth, as training examples of the image ``key``."""
     truth = CaseTruth.from_case(case)
     out = [Example(key, prompts.report_prompt(n_tokens, REPORT_INSTRUCTIONS[int(rng.integers(len(REPORT_INSTRUCTIONS)))]),
                    write_report(truth, rng)) for _ in range(reports)]
-    if questions:
-        for q in closed_questions(truth, rng):
-            out.append(Example(key, prompts.vqa_prompt(n_tokens, q["question"], (), q["choices"]),
-                               prompts.choice_answer(q["answer_choice"], q["choices"])))
-        out += [Example(key, prompts.vqa_prompt(n_tokens, q["question"]), q["answer"])
-                for q in open_questions(truth, rng)]
+    out += [Example(key, prompts.vqa_prompt(n_tokens, q["question"], (), q["choices"]),
+                    prompts.choice_answer(q["answer_choice"], q["choices"])) for q in closed_questions(truth, rng)]
+    out += [Example(key, prompts.vqa_prompt(n_tokens, q["question"]), q["answer"]) for q in open_questions(truth, rng)]
     return out
