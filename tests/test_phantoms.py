@@ -1,5 +1,6 @@
 """Synthetic phantoms, their reports and questions: determinism, anatomy, contrasts, text."""
 
+import re
 import time
 
 import numpy as np
@@ -9,7 +10,8 @@ from nibabel.orientations import aff2axcodes
 from med3dvlm.data import (ABNORMALITIES, ALLOWED, LABELS, LOCATIONS, ORGANS, Finding,
                            GroundTruth, closed_questions, make_ct_phantom, make_mr_study,
                            mentioned_findings, open_questions, write_report)
-from med3dvlm.data.lesions import FLUID_LOCATION, SIZE_MM
+from med3dvlm.data.lesions import FLUID_LOCATION, PAIRS, SIZE_MM
+from med3dvlm.data.reports import READING_ORDER
 
 SMALL = (80, 80, 28)
 LABEL_OF = {name: value for value, name in LABELS.items()}
@@ -213,6 +215,23 @@ def test_report_states_exactly_the_truth(ct_phantoms):
             assert mentioned_findings(report) == truth.pairs, report
             for f in truth.findings:
                 assert f"{f.size_mm} mm" in report
+
+
+def test_reports_and_lists_state_findings_in_reading_order():
+    # drawn right kidney first; read lungs first: every impression and list says the lung first
+    findings = [Finding("right kidney", "cyst", 30, "upper pole", (0.0, 0.0, 0.0)),
+                Finding("left lung", "mass", 40, "lower lobe", (0.0, 0.0, 0.0))]
+    empty = np.zeros((1, 1, 1), np.uint8)
+    truth = GroundTruth(0, "CT", findings, empty, empty, phase="non-contrast")
+    lung, kidney = re.compile(r"lung|lobe|lingula"), re.compile(r"kidney|renal")
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        impression = write_report(truth, rng).split("Impression:")[1]
+        listing = next(q["answer"] for q in open_questions(truth, rng) 
+                       if q["question"] in ("What abnormalities are present?", "Summarize the abnormal findings."))
+        for text in (impression, listing):
+            assert lung.search(text).start() < kidney.search(text).start(), text
+    assert READING_ORDER[0][0].endswith("lung") and set(READING_ORDER) == set(PAIRS)
 
 
 def test_reports_vary_in_wording():

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..volume import MR_SEQUENCES
 from .lesions import ALLOWED, LOCATIONS, ORGANS
-from .reports import PHASE_TEXT, _pick, impression_item
+from .reports import PHASE_TEXT, _pick, impression_item, in_reading_order
 
 QUESTION_TYPES = {1: "plane", 2: "phase", 3: "organ", 4: "abnormality", 5: "location"}
 LETTERS = ("A", "B", "C", "D")
@@ -164,7 +164,7 @@ def open_questions(truth, rng: np.random.Generator, *, sequence: str | None = No
     acq = _acquisition(truth, rng, sequence, closed=False)
     if acq:
         qs.append(acq)
-    items = [_cap(impression_item(f, rng)) for f in truth.findings]
+    items = [_cap(impression_item(f, rng)) for f in in_reading_order(truth.findings)]
     qs.append({"type": 4, "question": _pick(rng, ["What abnormalities are present?",
                                                   "Summarize the abnormal findings."]),
                "answer": "; ".join(items) if items else "No abnormality"})

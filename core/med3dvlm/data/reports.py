@@ -2,7 +2,11 @@
 
 The report is a deterministic function of the ground truth up to wording: every finding is
 stated once in the findings section (organ, kind, "<size> mm", location) and once in the
-impression; organs without findings get normal statements; nothing else is claimed.
+impression; organs without findings get normal statements; nothing else is claimed. Findings
+are always listed in ``READING_ORDER`` (anatomical, as the findings section reads), so a list
+has one right order: with the findings in random order, a language model from scratch learning
+to list two of them on oracle tokens (``train.oracle``) reached list recall 0.76 after 800 steps,
+often saying one finding twice; in this order, 0.94.
 ``mentioned_findings`` turns such text (or a model's imitation of it) back into
 (organ, kind) pairs, honouring negations such as "No pleural effusion".
 """
@@ -13,7 +17,7 @@ import re
 
 import numpy as np
 
-from .lesions import ORGANS
+from .lesions import ORGANS, PAIRS
 
 SIDES = ("left", "right")
 ATTENUATION = {"CT": "attenuation", "MR": "signal intensity"}
@@ -150,24 +154,33 @@ def technique(truth, rng) -> str:
 _GROUP = {"left lung": "lungs", "right lung": "lungs", "liver": "liver", "spleen": "spleen",
           "left kidney": "kidneys", "right kidney": "kidneys"}
 _ORDER = ("lungs", "liver", "spleen", "kidneys", "other")
+# The (organ, kind) pairs in the order reports and lists state them: the findings section's
+# anatomical order, left before right, kinds as ``ALLOWED`` lists them.
+READING_ORDER = tuple(sorted(PAIRS, key=lambda pair: (_ORDER.index(_GROUP[pair[0]]), ORGANS.index(pair[0]))))
+
+
+def in_reading_order(findings) -> list:
+    """``findings`` sorted by ``READING_ORDER``."""
+    return sorted(findings, key=lambda f: READING_ORDER.index((f.organ, f.kind)))
 
 
 def write_report(truth, rng: np.random.Generator) -> str:
     """'Findings: ... Impression: ...' for a ``GroundTruth`` (modality, phase, findings)."""
     found = {g: [] for g in _ORDER}
-    for f in truth.findings:
+    findings = in_reading_order(truth.findings)
+    for f in findings:
         found[_GROUP[f.organ]].append(finding_sentence(f, truth.modality, truth.phase, rng))
     normal = _normal_sentences(truth, rng)
     if rng.random() < 0.5:         # anatomical order, findings where their organ is described
         body = [s for g in _ORDER for s in found[g] + ([normal[g]] if g in normal else [])]
     else:                          # findings first, then the normal organs
         body = [s for g in _ORDER for s in found[g]] + [normal[g] for g in _ORDER if g in normal]
-    if not truth.findings:
+    if not findings:
         impression = _pick(rng, ["No acute abnormality.", "Normal study.",
                                  "No significant abnormality detected."])
     else:
-        items = [impression_item(f, rng) for f in truth.findings]
-        items = [i[0].upper() + i[1:] for i in rng.permutation(items).tolist()]
+        items = [impression_item(f, rng) for f in findings]
+        items = [i[0].upper() + i[1:] for i in items]
         if len(items) > 1 and rng.random() < 0.5:
             impression = " ".join(f"{n}. {i}." for n, i in enumerate(items, 1))
         else:

@@ -7,17 +7,22 @@ plus noise. If a model trained on these cannot write the findings into its repor
 closed questions on phantoms it never saw, no tower can help it, and the recipe of the language
 stage is what needs fixing.
 
-Token f speaks of fact f (an organ x kind pair, a CT phase, a modality): its key, the sum of
-seeded orthonormal directions of its organ and its kind (or of the fact), and, only when the
-fact holds, a value: a direction shared by every fact ("present", so one query finds whatever is
-there) plus one of its own (so even an average over the tokens tells the facts apart), the
-finding's size along a "size" direction and its location's direction. The tokens of absent facts
-and after the last fact carry nothing; every element gets Gaussian noise of ``noise``.
-Measured on 2 CPU cores with the demo's LM from scratch (December 2026): tokens where absence is a
-signed value were not read; questions about one fact ("Is there a cyst in the liver?") were not
-read after 1,000 steps even alone; the questions that list what is present were (``train.demo``
-trains them first). The projector is later taught to give this layout from the tower's tokens
-(``align_projector``).
+Token f speaks of fact f (an organ x kind pair in the order reports list them, a CT phase, a
+modality), so a report's next finding is the next token that holds one. When the fact holds, it
+carries its key (seeded orthonormal directions of its organ and its kind, or of the fact), a
+direction shared by every fact that holds ("present", so one query finds whatever is there), one
+of its own (so even an average over the tokens tells the facts apart), the finding's size along a
+"size" direction and its location's direction, one per organ x location (the spleen's and the
+kidneys' poles are different places). The tokens of absent facts and those after the last fact
+all hold one "empty" direction; every element gets Gaussian noise of ``noise``.
+Measured on 2 CPU cores with the demo's LM from scratch (December 2026), list recall of the
+questions that list what is present, on unseen truths after 400 steps: 0.30 when absent facts'
+tokens held noise alone (the LM's RMSNorm blows noise up to a random token of full size) and
+locations were shared between organs (so the kidneys and the spleen were told apart by their key
+alone), 0.47 with a location per organ, 0.68 with "empty" tokens as well, 0.76 with findings
+listed in the tokens' order (after 800 steps: 0.51 / 0.76 / 0.94). Tokens where absence is
+a signed value were not read at all. The projector is later taught to give this layout from the
+tower's tokens (``align_projector``).
 """
 
 from __future__ import annotations
@@ -31,16 +36,18 @@ import torch
 
 from ..data.lesions import ABNORMALITIES, LOCATIONS, ORGANS, PAIRS
 from ..data.phantoms import CT_PHASES
+from ..data.reports import READING_ORDER
 from ..errors import Med3DVLMError
 from ..eval.phantom_eval import evaluate_phantoms
 from ..pipeline import Pipeline
 
-FACTS = tuple(f"{o}/{k}" for o, k in PAIRS) + tuple(f"phase:{p}" for p in CT_PHASES) + ("modality:CT", "modality:MR")
+FACTS = tuple(f"{o}/{k}" for o, k in READING_ORDER) + tuple(f"phase:{p}" for p in CT_PHASES) + ("modality:CT", "modality:MR")
 # Directions the layout is built from: one per word a question or a report names a fact by.
-_LOCATIONS = tuple(dict.fromkeys(loc for organ in ORGANS for loc in LOCATIONS[organ]))
-_WORDS = ORGANS + ABNORMALITIES + FACTS[len(PAIRS):] + _LOCATIONS + ("present", "size") + tuple(f"value:{f}" for f in FACTS)
-SCALE = 3.0
-SIZE_MM_MID, SIZE_MM_SPREAD = 32.0, 12.0
+_LOCATIONS = tuple(f"{organ}:{loc}" for organ in ORGANS for loc in LOCATIONS[organ])
+_WORDS = (ORGANS + ABNORMALITIES + FACTS[len(PAIRS):] + _LOCATIONS + ("present", "size", "empty")
+          + tuple(f"value:{f}" for f in FACTS))
+KEY, VALUE, EMPTY = 2.0, 1.0, 3.0        # weights of a fact's key, of its value directions, of "empty"
+SIZE_MM_MID, SIZE_MM_SPREAD = 35.0, 20.0  # the phantoms' sizes (16-55 mm) to about -1..1
 
 
 def case_facts(case: dict) -> torch.Tensor:
@@ -64,21 +71,21 @@ def oracle_tokens(case: dict, n_tokens: int, width: int, noise: float = 0.1, see
     """A labels.json case -> (n_tokens, width) tokens: token f says fact f (see above)."""
     if n_tokens < len(FACTS):
         raise ValueError(f"Oracle tokens need at least {len(FACTS)} image tokens, one per fact; got {n_tokens}.")
-    d, unit = _directions(width, seed), SCALE / 2**0.5
+    d = _directions(width, seed)
     found = {(f["organ"], f["kind"]): f for f in case["findings"]}
     holds = case_facts(case)
-    tokens = torch.zeros(n_tokens, width)
+    tokens = EMPTY * d["empty"].expand(n_tokens, width).clone()
     for i, name in enumerate(FACTS):
         if not holds[i]:
             continue
         words = name.split("/")
-        key = (d[words[0]] + d[words[1]]) / 2**0.5 if len(words) == 2 else d[name]
-        tokens[i] = unit * (key + (d["present"] + d[f"value:{name}"]) / 2**0.5)
+        key = d[words[0]] + d[words[1]] if len(words) == 2 else 2**0.5 * d[name]
+        tokens[i] = KEY * key + VALUE * (d["present"] + d[f"value:{name}"])
         finding = found.get(tuple(words))
         if finding is not None:
-            tokens[i] += unit * (finding["size_mm"] - SIZE_MM_MID) / SIZE_MM_SPREAD * d["size"]
-            if finding["location"] in d:   # fluid's location is its organ's: no direction of its own
-                tokens[i] += unit * d[finding["location"]]
+            tokens[i] += (finding["size_mm"] - SIZE_MM_MID) / SIZE_MM_SPREAD * d["size"]
+            # fluid's location is its organ's own: no direction of its own
+            tokens[i] += d.get(f"{finding['organ']}:{finding['location']}", torch.zeros(width))
     return tokens + noise * torch.randn(tokens.shape, generator=generator)
 
 
