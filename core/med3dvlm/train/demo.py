@@ -39,6 +39,7 @@ from transformers import AutoTokenizer, Qwen2Config
 from ..checkpoints import WEIGHTS_NAME
 from ..data.lesions import PAIRS
 from ..data.m3d import CAP_JSON, CapItem, case_seed, read_cap, read_vqa, write_dataset
+from ..data.phantoms import GENERATOR_VERSION
 from ..data.reports import write_report
 from ..errors import Med3DVLMError
 from ..eval.probe import probe_auc, token_features
@@ -170,8 +171,10 @@ def reworded_reports(roots: list[Path], copies: int, seed: int) -> list[CapItem]
 
 
 def _written(root: Path, n: int, seed: int) -> bool:
+    """Whether ``root`` holds these phantoms, written by this generator (else they are written again)."""
     manifest = root / "manifest.json"
-    return manifest.is_file() and {k: json.loads(manifest.read_text())[k] for k in ("n", "seed")} == {"n": n, "seed": seed}
+    wanted = {"n": n, "seed": seed, "generator_version": GENERATOR_VERSION}
+    return manifest.is_file() and {k: json.loads(manifest.read_text()).get(k) for k in wanted} == wanted
 
 
 def read_shards(roots: list[Path]):
