@@ -1,12 +1,12 @@
 """Radiology-style reports from phantom ground truth, and the parser that reads them back.
 
-The report is a deterministic function of the ground truth up to wording: every finding is
-stated once in the findings section (organ, kind, "<size> mm", location) and once in the
-impression; organs without findings get normal statements; nothing else is claimed. Findings
-are always listed in ``READING_ORDER`` (anatomical, as the findings section reads), so a list
-has one right order: with the findings in random order, a language model from scratch learning
-to list two of them on oracle tokens (``train.oracle``) reached list recall 0.76 after 800 steps,
-often saying one finding twice; in this order, 0.94.
+The report is a deterministic function of the ground truth up to wording: the findings section
+states every finding once (organ, kind, "<size> mm", location), findings first, then normal
+statements for the organs without findings; the impression restates the findings; nothing else
+is claimed. Findings are always stated in ``READING_ORDER`` (anatomical), so a list has one right
+order: with findings in random order, a language model from scratch learning to list two of them
+from oracle tokens (``train.oracle``) reached list recall 0.76 after 800 steps, often saying one
+finding twice; in this order, 0.94.
 ``mentioned_findings`` turns such text (or a model's imitation of it) back into
 (organ, kind) pairs, honouring negations such as "No pleural effusion".
 """
@@ -171,10 +171,9 @@ def write_report(truth, rng: np.random.Generator) -> str:
     for f in findings:
         found[_GROUP[f.organ]].append(finding_sentence(f, truth.modality, truth.phase, rng))
     normal = _normal_sentences(truth, rng)
-    if rng.random() < 0.5:         # anatomical order, findings where their organ is described
-        body = [s for g in _ORDER for s in found[g] + ([normal[g]] if g in normal else [])]
-    else:                          # findings first, then the normal organs
-        body = [s for g in _ORDER for s in found[g]] + [normal[g] for g in _ORDER if g in normal]
+    # Findings first, then the normal organs: the findings section opens with what the reader
+    # must know, in the order the impression repeats it.
+    body = [s for g in _ORDER for s in found[g]] + [normal[g] for g in _ORDER if g in normal]
     if not findings:
         impression = _pick(rng, ["No acute abnormality.", "Normal study.",
                                  "No significant abnormality detected."])
