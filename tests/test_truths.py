@@ -49,3 +49,18 @@ def test_length_batches_mix_answers_of_one_bucket_instead_of_sorting_by_exact_le
     short = [b for b in batches if len(b[0].answer) < 5]
     assert all({e.answer for e in b} == {"yes", "no"} for b in short)
     assert all(len({len(e.answer) > 5 for e in b}) == 1 for b in batches)
+
+
+def test_a_rerun_reuses_the_work_folders_phantoms_unless_another_generator_wrote_them(tmp_path):
+    from med3dvlm.data.phantoms import GENERATOR_VERSION
+    from med3dvlm.train.demo import write_shards
+
+    first = write_shards(tmp_path, 2, seed=5)
+    labels = [json.loads((root / "labels.json").read_text()) for root in first]
+    manifest = first[0] / "manifest.json"
+    stamp = manifest.stat().st_mtime_ns
+    assert write_shards(tmp_path, 2, seed=5) == first and manifest.stat().st_mtime_ns == stamp   # reused
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "generator_version": "2.0"}))
+    assert write_shards(tmp_path, 2, seed=5) == first
+    assert json.loads(manifest.read_text())["generator_version"] == GENERATOR_VERSION              # written again
+    assert [json.loads((root / "labels.json").read_text()) for root in first] == labels          # same phantoms

@@ -93,6 +93,7 @@ class DemoRecipe:
                                                      "log_every": 50})
     retrieval: dict = field(default_factory=lambda: {"epochs": 30, "batch_size": 64, "lr": 3e-3, "warmup_steps": 20})
     oracle_truths: int = 20000        # truths without volumes the oracle stage learns from as well
+    oracle_reports: int = 3           # reports per truth: one is 1 example in 13, too few to learn their grammar
     oracle_reading: dict = field(default_factory=lambda: {"epochs": 1, "max_steps": 800, "batch_size": 32, "lr": 2e-3,
                                                           "weight_decay": 0.0, "warmup_steps": 20})
     oracle_vlm: dict = field(default_factory=lambda: {"epochs": 1, "max_steps": 9000, "batch_size": 32, "lr": 2e-3,
@@ -223,7 +224,8 @@ def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | N
     oracle.update(case_features(truths, model.config.num_image_tokens, recipe.lm_width, recipe.language_gate.noise,
                                 recipe.seed))
     rng = np.random.default_rng(TRUTH_SEED + recipe.seed)
-    truth_rows = [row for key, case in truths.items() for row in truth_examples(key, case, model.config.num_image_tokens, rng)]
+    truth_rows = [row for key, case in truths.items()
+                  for row in truth_examples(key, case, model.config.num_image_tokens, rng, reports=recipe.oracle_reports)]
     # First what is present (one query, whatever the question), then everything: from scratch, the
     # LM learns to read the tokens on the lists and only then on questions about one fact and reports.
     reading = [row for row in truth_rows if is_reading(row)]
