@@ -21,7 +21,7 @@ __all__ = ["ABNORMALITIES", "ALLOWED", "CT_PHASES", "GENERATOR_VERSION", "LABELS
            "ORGANS", "ORIENTATIONS", "Finding", "GroundTruth", "MRStudy", "Phantom",
            "make_ct_phantom", "make_mr_study"]
 
-GENERATOR_VERSION = "2.1"   # 2.1: reports and lists state findings in reading order (volumes as 2.0)
+GENERATOR_VERSION = "2.1"   # 2.1: texts state findings first, in reading order (volumes as 2.0)
 LABELS = A.LABELS
 ORIENTATIONS = ("LPS", "LAS", "RAS", "LPI")   # direction in which i, j, k increase
 CT_PHASES = ("non-contrast", "portal venous")
