@@ -29,7 +29,8 @@ def tiny_recipe(**changes) -> DemoRecipe:
                    siglip={"epochs": 3, "batch_size": 6, "lr": 1e-3},
                    segmenter={"rounds": 1, "steps_per_round": 3, "batch_size": 4, "lr": 3e-3},
                    retrieval={"epochs": 2, "batch_size": 8, "lr": 1e-3},
-                   oracle_truths=40, oracle_reading={"epochs": 1, "batch_size": 16}, oracle_vlm={"epochs": 3, "batch_size": 16, "lr": 3e-3},
+                   oracle_truths=40, oracle_reading={"epochs": 1, "batch_size": 16},
+                   oracle_reports={"epochs": 1, "batch_size": 16}, oracle_vlm={"epochs": 3, "batch_size": 16, "lr": 3e-3},
                    projector_alignment={"epochs": 2, "batch_size": 8, "lr": 1e-3},
                    vlm={"epochs": 2, "batch_size": 16, "lr": 3e-3})
     return DemoRecipe(**{**options, **changes})
@@ -47,6 +48,7 @@ def test_gpu_script_dry_run_builds_a_loadable_demo_and_python_resumes_it(tmp_pat
     assert "Demo model written to" in done.stdout and "language gate on oracle tokens" in done.stdout
     summary = json.loads((tmp_path / "model" / "recipe.json").read_text())
     assert summary["oracle_loss"][1] < 0.8 * summary["oracle_loss"][0]
+    assert summary["oracle_reports_loss"][1] < summary["oracle_reports_loss"][0]
     assert set(summary["language_gate"]) >= {"report_recall", "closed_vqa_accuracy", "reports_with_invented_finding"}
     assert [row["steps"] for row in summary["segmenter_curve"]] == [3]
     assert summary["cpu_seconds"] > 0

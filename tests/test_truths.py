@@ -7,8 +7,8 @@ import numpy as np
 
 from med3dvlm.data.lesions import ALLOWED, LOCATIONS, SIZE_MM
 from med3dvlm.data.reports import mentioned_findings
-from med3dvlm.train.examples import Example
-from med3dvlm.train.truths import CaseTruth, is_reading, sample_cases, truth_examples
+from med3dvlm.train.examples import REPORT_INSTRUCTIONS, Example
+from med3dvlm.train.truths import CaseTruth, is_reading, is_report, sample_cases, truth_examples
 from med3dvlm.train.volumes import LengthBatchedExamples
 
 
@@ -29,7 +29,7 @@ def test_sampled_truths_follow_the_generator_tables():
 def test_a_truths_report_and_questions_are_the_phantom_writers(ct_dataset):
     case = next(c for c in json.loads((ct_dataset / "labels.json").read_text())["cases"] if c["findings"])
     examples = truth_examples("key", case, 32, np.random.default_rng(0), reports=2)
-    reports = [e for e in examples if e.answer.startswith("Findings:")]
+    reports = [e for e in examples if is_report(e)]
     assert len(reports) == 2 and all(mentioned_findings(r.answer) == CaseTruth.from_case(case).pairs for r in reports)
     closed = [e for e in examples if " Choices: " in e.prompt]
     assert closed and all(e.answer[0] in "ABCD" and e.answer[1] == "." for e in closed)
@@ -37,6 +37,7 @@ def test_a_truths_report_and_questions_are_the_phantom_writers(ct_dataset):
     reading = [e for e in examples if is_reading(e)]
     assert len(reading) == 2 and all(" Choices: " not in e.prompt for e in reading)
     assert any(e.answer == str(len(case["findings"])) for e in reading)
+    assert not any(is_report(e) for e in reading) and all(e.prompt.endswith(REPORT_INSTRUCTIONS) for e in reports)
 
 
 def test_length_batches_mix_answers_of_one_bucket_instead_of_sorting_by_exact_length():

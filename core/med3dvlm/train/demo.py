@@ -57,7 +57,7 @@ from .examples import caption_examples, vqa_examples
 from .lesion_crops import segmenter_phantoms, train_segmenter
 from .oracle import LanguageGate, case_features, language_gate, oracle_features
 from .stages import align_projector, build_vlm, siglip_stage, vlm_stage
-from .truths import CaseTruth, is_reading, sample_cases, truth_examples
+from .truths import CaseTruth, is_reading, is_report, sample_cases, truth_examples
 from .volumes import cached_pixels, encoder_features
 
 
@@ -93,10 +93,13 @@ class DemoRecipe:
                                                      "log_every": 50})
     retrieval: dict = field(default_factory=lambda: {"epochs": 30, "batch_size": 64, "lr": 3e-3, "warmup_steps": 20})
     oracle_truths: int = 20000        # truths without volumes the oracle stage learns from as well
-    oracle_reports: int = 3           # reports per truth: one is 1 example in 13, too few to learn their grammar
+    truth_reports: int = 3            # reports per truth: one is 1 example in 13, too few to learn their grammar
     oracle_reading: dict = field(default_factory=lambda: {"epochs": 1, "max_steps": 800, "batch_size": 32, "lr": 2e-3,
                                                           "weight_decay": 0.0, "warmup_steps": 20})
-    oracle_vlm: dict = field(default_factory=lambda: {"epochs": 1, "max_steps": 9000, "batch_size": 32, "lr": 2e-3,
+    oracle_reports: dict = field(default_factory=lambda: {"epochs": 1, "max_steps": 2000, "batch_size": 32, "lr": 2e-3,
+                                                          "weight_decay": 0.0, "warmup_steps": 100})
+    oracle_report_weight: int = 1     # extra copies of the report and list examples in the whole mixture
+    oracle_vlm: dict = field(default_factory=lambda: {"epochs": 1, "max_steps": 1500, "batch_size": 32, "lr": 2e-3,
                                                       "weight_decay": 0.0, "warmup_steps": 100})
     projector_alignment: dict = field(default_factory=lambda: {"epochs": 30, "batch_size": 32, "lr": 1e-3,
                                                                "warmup_steps": 20})
@@ -225,14 +228,19 @@ def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | N
                                 recipe.seed))
     rng = np.random.default_rng(TRUTH_SEED + recipe.seed)
     truth_rows = [row for key, case in truths.items()
-                  for row in truth_examples(key, case, model.config.num_image_tokens, rng, reports=recipe.oracle_reports)]
-    # First what is present (one query, whatever the question), then everything: from scratch, the
-    # LM learns to read the tokens on the lists and only then on questions about one fact and reports.
+                  for row in truth_examples(key, case, model.config.num_image_tokens, rng, reports=recipe.truth_reports)]
+    # First what is present (one query, whatever the question), then reports with those lists, then
+    # everything with reports and lists weighted up: from scratch, the LM learns to read the tokens on
+    # the lists, then to write them into reports, and only then questions about one fact. In the
+    # whole mixture at once, reports (one example in seven) never learnt to state what the tokens hold.
     reading = [row for row in truth_rows if is_reading(row)]
+    reporting = [row for row in examples + truth_rows if is_report(row) or is_reading(row)]
     reading_run = _resumable_vlm_stage(model, oracle, reading, tokenizer, recipe, work / "oracle-reading", progress,
                                        recipe.oracle_reading)
-    oracle_run = _resumable_vlm_stage(model, oracle, examples + truth_rows, tokenizer, recipe, work / "oracle", progress,
-                                      recipe.oracle_vlm)
+    reports_run = _resumable_vlm_stage(model, oracle, reporting, tokenizer, recipe, work / "oracle-reports", progress,
+                                       recipe.oracle_reports)
+    oracle_run = _resumable_vlm_stage(model, oracle, examples + truth_rows + reporting * recipe.oracle_report_weight,
+                                      tokenizer, recipe, work / "oracle", progress, recipe.oracle_vlm)
     language = language_gate(model, tokenizer, oracle, gate_root, recipe.language_gate)
     log(f"language gate: recall {language['report_recall']:.3f}, invented {language['reports_with_invented_finding']:.3f}, "
         f"closed VQA {language['closed_vqa_accuracy']:.3f} on {language['n_volumes']} unseen phantoms from oracle tokens")
@@ -291,6 +299,7 @@ def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | N
                "resumed_from": str(resume) if resume else None, "examples": len(examples),
                "language_gate": language, "probes": probes, "segmenter_curve": curve,
                "oracle_reading_loss": [reading_run.losses[0], reading_run.losses[-1]],
+               "oracle_reports_loss": [reports_run.losses[0], reports_run.losses[-1]],
                "oracle_loss": [oracle_run.losses[0], oracle_run.losses[-1]],
                "projector_alignment_loss": [align_run.losses[0], align_run.losses[-1]],
                "vlm_loss": [vlm_run.losses[0], vlm_run.losses[-1]],

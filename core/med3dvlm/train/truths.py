@@ -69,6 +69,11 @@ def is_reading(example: Example) -> bool:
     return example.prompt.endswith(READING_QUESTIONS)
 
 
+def is_report(example: Example) -> bool:
+    """Whether an example's answer is a report (the writers' reports open with "Findings:")."""
+    return example.answer.startswith("Findings:")
+
+
 def truth_examples(key: str, case: dict, n_tokens: int, rng: np.random.Generator, *,
                    reports: int = 1) -> list[Example]:
     """``reports`` reports and every closed and open question of the phantom writers for one
