@@ -5,7 +5,8 @@ gates that each prove one thing and stop the build loudly when they fail.
    trains on. A BPE tokenizer on their text.
 2. The language stage on oracle tokens (``oracle``): a small Qwen2 learns reports and VQA from
    image tokens made of the phantom's truth, for the phantoms and for many more truths drawn
-   without volumes (``truths``), first the questions that list what is present, then everything;
+   without volumes (``truths``), first the questions that list what is present, then reports and
+   those lists, then everything;
    the language gate scores it on the gate phantoms.
 3. The image tower: a DCFormer-nano pre-trained on whole volumes with the sigmoid loss and
    organ-aware maps (``dense``), and a finding segmenter trained on lesion-centred crops
