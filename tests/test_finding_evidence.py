@@ -76,9 +76,13 @@ def test_segmenter_training_records_its_curve_and_resumes(examples, tmp_path):
                          progress=False, grad_clip=None)
     curve = train_segmenter(segmenter, examples, examples, config, rounds=2, steps_per_round=3, log=lambda *_: None)
     assert [row["steps"] for row in curve] == [3, 6] and all(0 <= row["macro_auc"] <= 1 for row in curve)
-    again = train_segmenter(FindingSegmenter(), examples, examples, config, rounds=1, steps_per_round=3,
-                            log=lambda *_: None)
+    trained = FindingSegmenter()
+    again = train_segmenter(trained, examples, examples, config, rounds=1, steps_per_round=3, log=lambda *_: None)
     assert [row["steps"] for row in again] == [3, 6, 9]
+    # zero rounds (`--segmenter-rounds 0`) is the run's trained segmenter, not a fresh one
+    kept = FindingSegmenter()
+    assert train_segmenter(kept, examples, examples, config, rounds=0, steps_per_round=3, log=lambda *_: None) == again
+    assert all(torch.equal(a, b) for a, b in zip(kept.state_dict().values(), trained.state_dict().values()))
     assert json.loads((tmp_path / "seg" / "curve.json").read_text())[-1]["crops"] == 36
     assert again[-1]["train_seconds"] >= curve[-1]["train_seconds"]
 

@@ -32,7 +32,7 @@ from ..data.phantoms import Phantom, make_ct_phantom
 from ..eval.classification import per_class_auc
 from ..models.findings import N_KINDS, N_ORGANS, STEM_STRIDE, FindingSegmenter, coordinate_grid, pair_probabilities
 from ..preprocess import PreprocessConfig, carry, preprocess
-from .checkpoint import CHECKPOINT_DIR
+from .checkpoint import CHECKPOINT_DIR, load_trainable
 from .config import TrainConfig
 from .dense import cached_examples
 from .trainer import train
@@ -174,6 +174,8 @@ def train_segmenter(segmenter: FindingSegmenter, examples: Sequence[dict], held_
     # over a fresh crop stream, counted on from there.
     base = curve[-1].get("base", 0) if curve and checkpoint.is_dir() else done
     dataset = LesionCrops(examples, seed=config.seed + base)
+    if checkpoint.is_dir():  # the run's weights, also when no round is asked for (``--segmenter-rounds 0``)
+        load_trainable(segmenter, checkpoint)
     wall, cpu = (curve[-1]["train_seconds"], curve[-1]["cpu_seconds"]) if curve else (0.0, 0.0)
     for _ in range(rounds):
         started, cpu_started = time.perf_counter(), time.process_time()
