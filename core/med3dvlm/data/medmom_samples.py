@@ -25,6 +25,7 @@ class StudySample:
     report: str
     labels: torch.Tensor              # (L,) float32 0/1 in the model's label order
     targets: dict[str, torch.Tensor] | None = None  # phantoms: ``dense.phantom_targets`` on the token grid
+    findings: dict[str, torch.Tensor] | None = None  # phantoms: ``lesion_crops.segmenter_targets``
 
 
 def medmom_samples(studies: Sequence[MedMoMStudy], labels: Sequence[tuple[str, str]], config: PreprocessConfig,

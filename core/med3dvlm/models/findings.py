@@ -11,6 +11,11 @@ token, what lies there, which a linear read-out of the tokens can check (the pro
 The network is fully convolutional with BatchNorm, so a 16 x 32 x 32 crop and a whole volume are
 normalised alike; three coordinate channels (position in the whole model input, -1..1) let a crop
 know left from right, which the kidneys and lungs need.
+
+An MRI study is one input of ``sequences`` channels (the MedMAP detector's evidence): a tissue is
+told apart by its signal on several sequences at the same voxel (a cyst and a haemorrhage are both
+bright on one of them), so the sequences meet at the stem. Sequences a study lacks are zero, and
+one presence channel per sequence says which are there, so one network serves any subset.
 """
 
 from __future__ import annotations
@@ -45,22 +50,34 @@ def coordinate_grid(shape: Sequence[int], device=None) -> Tensor:
 
 
 class FindingSegmenter(nn.Module):
-    """(B, 1, D, H, W) pixels (+ their coordinates) -> (B, N_KINDS + N_ORGANS, D, H/2, W/2) logits."""
+    """(B, S, D, H, W) pixels (+ their coordinates) -> (B, N_KINDS + N_ORGANS, D, H/2, W/2) logits.
 
-    def __init__(self, channels: Sequence[int] = (16, 32, 64, 96)) -> None:
+    ``sequences`` (S): input channels; above one, each is an MRI sequence that may be absent.
+    """
+
+    def __init__(self, channels: Sequence[int] = (16, 32, 64, 96), sequences: int = 1) -> None:
         super().__init__()
         c0, c1, c2, c3 = channels
+        self.sequences = sequences
+        inputs = (2 * sequences if sequences > 1 else 1) + 3   # pixels (+ presence) + coordinates
         # Strided in-plane stem: the demo's voxels are ~3x longer along D than in-plane.
-        self.stem = nn.Sequential(nn.Conv3d(4, c0, 3, stride=STEM_STRIDE, padding=1, bias=False),
+        self.stem = nn.Sequential(nn.Conv3d(inputs, c0, 3, stride=STEM_STRIDE, padding=1, bias=False),
                                   nn.BatchNorm3d(c0), nn.ReLU(inplace=True))
         self.enc0, self.enc1, self.enc2, self.enc3 = _block(c0, c0), _block(c0, c1), _block(c1, c2), _block(c2, c3)
         self.dec2, self.dec1, self.dec0 = _block(c3 + c2, c2), _block(c2 + c1, c1), _block(c1 + c0, c0)
         self.head = nn.Conv3d(c0, N_KINDS + N_ORGANS, 1)
 
-    def forward(self, pixels: Tensor, coords: Tensor | None = None) -> Tensor:
+    def forward(self, pixels: Tensor, coords: Tensor | None = None, present: Tensor | None = None) -> Tensor:
+        """``present`` (B, S) bool: the sequences each study holds (default: all)."""
         if coords is None:
             coords = coordinate_grid(pixels.shape[2:], pixels.device).expand(len(pixels), -1, -1, -1, -1)
-        x0 = self.enc0(self.stem(torch.cat([pixels, coords.to(pixels.dtype)], 1)))
+        inputs = [pixels, coords.to(pixels.dtype)]
+        if self.sequences > 1:
+            if present is None:
+                present = torch.ones(pixels.shape[:2], dtype=torch.bool, device=pixels.device)
+            shown = present.to(pixels.dtype)[..., None, None, None]
+            inputs = [pixels * shown, shown.expand_as(pixels), inputs[1]]
+        x0 = self.enc0(self.stem(torch.cat(inputs, 1)))
         x1 = self.enc1(F.max_pool3d(x0, (1, 2, 2)))   # in-plane first: keep the few slices
         x2 = self.enc2(F.max_pool3d(x1, 2))
         x3 = self.enc3(F.max_pool3d(x2, 2))

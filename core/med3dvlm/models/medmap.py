@@ -25,6 +25,13 @@ Data flow for a study of S sequences (volumes (1, D, H, W) in [0, 1]):
 
 Zero-shot scoring (``zero_shot=True``) uses the pre-trained alignment alone:
 exp(t') cos(study embedding, e_l) + b, the sigmoid-loss logit of the prompt.
+
+Finding evidence (``evidence=True``, not in the released layout): a small tower trained on whole
+studies misses focal findings (the demo's calcifications cover a few voxels), so a
+``FindingSegmenter`` trained on lesion-centred crops reads the study's sequences at once, and a
+label's evidence e_l is the largest probability of its organ x kind pair over the study's voxels
+(P(kind) x P(organ) in each voxel: the finding inside its organ). The logit becomes the head's
+plus a learned per-label calibration a_l logit(e_l) + c_l.
 """
 
 from __future__ import annotations
@@ -40,7 +47,9 @@ from torch import Tensor, nn
 from ..errors import ModelError
 from ..install_hint import install_hint
 from ..volume import MR_SEQUENCES
+from ..data.lesions import PAIRS
 from .dcformer import DCFormer, DCFormerConfig, stage_tokens
+from .findings import FindingSegmenter, pair_probabilities
 from .text import TextConfig, build_text_model, encode_text_tokens, text_width
 
 PROMPT_TEMPLATE = "a {kind} in the {organ}"
@@ -65,7 +74,8 @@ class MedMAPConfig:
     """Architecture. ``labels`` are (organ, kind) pairs; ``input_size`` is (D, H, W).
 
     ``token_stage``: the backbone stage whose grid carries the tokens (later stages are upsampled
-    onto it). The swin backbone needs sizes divisible by 32 (patch 2, four merges).
+    onto it). The swin backbone needs sizes divisible by 32 (patch 2, four merges). ``evidence``:
+    a finding segmenter adds its calibrated evidence to each logit (labels among ``PAIRS``).
     """
 
     labels: tuple[tuple[str, str], ...]
@@ -81,6 +91,7 @@ class MedMAPConfig:
     text: TextConfig = field(default_factory=_demo_text)
     prompt_template: str = PROMPT_TEMPLATE
     max_text_length: int = 128
+    evidence: bool = False
 
     def __post_init__(self) -> None:
         self.labels = tuple((str(o), str(k)) for o, k in self.labels)
@@ -105,6 +116,9 @@ class MedMAPConfig:
             problems.append(f"token_stage must be 0..4, got {self.token_stage}")
         if "{kind}" not in self.prompt_template or "{organ}" not in self.prompt_template:
             problems.append(f"prompt_template must contain {{kind}} and {{organ}}, got {self.prompt_template!r}")
+        unknown = [pair for pair in self.labels if pair not in PAIRS]
+        if self.evidence and unknown:
+            problems.append(f"finding evidence knows only the phantoms' organ x kind pairs, not {unknown}")
         if problems:
             raise ModelError("Invalid MedMAP configuration: " + "; ".join(problems) + ".")
 
@@ -229,6 +243,11 @@ class MedMAPModel(nn.Module):
         self.key_proj = nn.Linear(e, e)
         self.pos_embed = nn.Parameter(torch.zeros(grid[0] * grid[1] * grid[2], e))
         self.label_bias = nn.Parameter(torch.zeros(n_labels))
+        if config.evidence:  # trained on crops (train.lesion_crops), then a fixed part of the detector
+            self.evidence = FindingSegmenter(sequences=s)
+            self.evidence_scale = nn.Parameter(torch.ones(n_labels))
+            self.evidence_bias = nn.Parameter(torch.zeros(n_labels))
+            self.pair_rows = [PAIRS.index(pair) for pair in config.labels]
         self.register_buffer("prompt_ids", torch.zeros(0, 0, dtype=torch.long), persistent=False)
         self.register_buffer("prompt_mask", torch.zeros(0, 0, dtype=torch.long), persistent=False)
         self.text_frozen = False
@@ -261,6 +280,8 @@ class MedMAPModel(nn.Module):
         super().train(mode)
         if self.text_frozen:
             self.language_encoder.eval()
+        if self.config.evidence:  # BatchNorm keeps the statistics of its own training
+            self.evidence.eval()
         return self
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -331,7 +352,26 @@ class MedMAPModel(nn.Module):
         # Soft maximum over regions of query-token agreement: a finding anywhere in its organ counts.
         return match.logsumexp(dim=-1) - math.log(match.shape[-1]) + self.label_bias
 
+    def finding_evidence(self, images: Tensor, sequence_ids: Tensor, mask: Tensor) -> Tensor:
+        """Studies as in ``encode_study`` -> (B, L): each label's largest pair probability."""
+        b, _, _, *size = images.shape
+        rows, slots = mask.nonzero(as_tuple=True)
+        channels = sequence_ids[rows, slots]
+        pixels = images.new_zeros(b, len(self.config.sequences), *size)
+        pixels[rows, channels] = images[rows, slots, 0]
+        present = mask.new_zeros(b, len(self.config.sequences))
+        present[rows, channels] = True
+        pairs = pair_probabilities(self.evidence(pixels, present=present))
+        return pairs[:, self.pair_rows].amax((2, 3, 4))
+
+    def calibrated(self, evidence: Tensor) -> Tensor:
+        """(B, L) evidence -> a_l logit(e_l) + c_l, what it adds to the head's logits."""
+        return self.evidence_scale * torch.logit(evidence, eps=1e-4) + self.evidence_bias
+
     def forward(self, images: Tensor, sequence_ids: Tensor, mask: Tensor, zero_shot: bool = False) -> dict:
         """Studies as in ``encode_study``; returns ``logits`` (B, L) and the fusion ``weights`` (B, S)."""
         tokens, weights = self.encode_study(images, sequence_ids, mask)
-        return {"logits": self.detect_logits(tokens, zero_shot), "weights": weights}
+        logits = self.detect_logits(tokens, zero_shot)
+        if self.config.evidence and not zero_shot:
+            logits = logits + self.calibrated(self.finding_evidence(images, sequence_ids, mask))
+        return {"logits": logits, "weights": weights}

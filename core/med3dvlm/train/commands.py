@@ -35,7 +35,7 @@ STAGE_DEFAULTS = {
     "siglip": {"epochs": 10, "batch_size": 16, "lr": 1e-4, "weight_decay": 0.1, "warmup_steps": 100},
     "projector": {"epochs": 2, "batch_size": 16, "lr": 1e-3},
     "instruct": {"epochs": 3, "batch_size": 8, "lr": 5e-5},
-    # MedMAP's two stages: the demo detector's recipe (train.medmap.train_medmap_demo)
+    # MedMAP's two stages: the demo detector's recipe before its finding evidence (train.medmap)
     "medmap.pretrain": {"epochs": 2, "batch_size": 16, "lr": 2e-3, "weight_decay": 0.01, "warmup_steps": 5},
     "medmap.finetune": {"epochs": 8, "batch_size": 16, "lr": 2e-3, "weight_decay": 0.01, "warmup_steps": 5},
 }

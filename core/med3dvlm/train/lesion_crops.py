@@ -8,6 +8,11 @@ segmenter's output grid (D, H/2, W/2): the finding kind of each cell (background
 and its organ (other + the labelled structures). The loss is cross-entropy + soft Dice over the
 kinds, plus cross-entropy over the organs.
 
+MRI studies (the MedMAP detector's evidence) train the same way: an example's pixels are its
+sequences, one channel each, on the grid the masks share, and a crop shows the whole study half
+of the time, otherwise a random subset of its sequences (``present``), so one network serves a
+full study and a single volume.
+
 Training runs through the generic loop (``trainer.train``: resumable checkpoints, DDP under
 torchrun, CUDA) in rounds; after each round the volume-level organ x kind AUC on unseen whole
 phantoms is measured, giving the learning curve (``curve.json``: AUC against training minutes).
@@ -39,6 +44,7 @@ from .trainer import train
 
 CROP = (16, 32, 32)         # model voxels (D, H, W); the targets are (16, 16, 16)
 LESION_SHARE = 2 / 3        # crops centred on a finding
+FULL_STUDY_SHARE = 0.5      # multi-sequence crops showing every sequence; otherwise each with p = 1/2
 CENTRES_PER_FINDING = 16    # voxels of each finding remembered as crop centres
 ORGAN_WEIGHT = 0.5
 
@@ -96,7 +102,8 @@ def segmenter_phantoms(cache: Path, seeds: Sequence[int], n_findings: int | None
 
 class LesionCrops(Dataset):
     """Item i: a crop of one example, drawn from (seed, i) alone (so a resumed run sees the same
-    stream), centred on a finding voxel with probability ``lesion_share``."""
+    stream), centred on a finding voxel with probability ``lesion_share``; with several channels
+    (MRI sequences) also the sequences it shows (``present``)."""
 
     def __init__(self, examples: Sequence[dict], length: int = 2**20, seed: int = 0, crop=CROP,
                  lesion_share: float = LESION_SHARE) -> None:
@@ -122,12 +129,19 @@ class LesionCrops(Dataset):
         start = np.clip(start, 0, shape - crop) // stride * stride   # on the output grid
         box = tuple(slice(s, s + c) for s, c in zip(start, crop))
         cells = tuple(slice(s // k, (s + c) // k) for s, c, k in zip(start, crop, stride))
-        return {"pixels": example["pixels"][(slice(None), *box)].float(), "coords": self.coords[(slice(None), *box)],
+        item = {"pixels": example["pixels"][(slice(None), *box)].float(), "coords": self.coords[(slice(None), *box)],
                 "kinds": example["kinds"][cells].long(), "organs": example["organs"][cells].long()}
+        n = len(example["pixels"])
+        if n > 1:
+            shown = np.ones(n, bool) if rng.random() < FULL_STUDY_SHARE else rng.random(n) < 0.5
+            shown[rng.integers(n)] = True
+            item["present"] = torch.from_numpy(shown)
+        return item
 
 
 def segmenter_loss(model: FindingSegmenter, batch: dict) -> torch.Tensor:
-    kind_logits, organ_logits = model(batch["pixels"], batch["coords"]).split([N_KINDS, N_ORGANS], 1)
+    logits = model(batch["pixels"], batch["coords"], batch.get("present"))
+    kind_logits, organ_logits = logits.split([N_KINDS, N_ORGANS], 1)
     kinds = batch["kinds"]
     probs = kind_logits.softmax(1)[:, 1:]
     truth = F.one_hot(kinds, N_KINDS).permute(0, 4, 1, 2, 3)[:, 1:].float()
@@ -140,7 +154,8 @@ def segmenter_loss(model: FindingSegmenter, batch: dict) -> torch.Tensor:
 
 @torch.inference_mode()
 def finding_scores(segmenter: FindingSegmenter, pixels: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
-    """(N, 1, D, H, W) whole volumes -> (N, len(PAIRS)): each pair's largest probability."""
+    """(N, S, D, H, W) whole volumes (MRI: every sequence present) -> (N, len(PAIRS)): each pair's
+    largest probability."""
     segmenter.eval()
     device = next(segmenter.parameters()).device
     out = [pair_probabilities(segmenter(chunk.float().to(device))).amax((2, 3, 4)).cpu()

@@ -8,6 +8,13 @@
    of the time, else one or two of them, so one model serves full studies and single volumes.
 3. Thresholds per label are chosen on validation data (F1), for the full study and per sequence.
 
+With finding evidence (``MedMAPConfig.evidence``, the shipped demo's recipe) the detector's
+``FindingSegmenter`` first learns on lesion-centred crops of the training studies' sequences
+(``train.lesion_crops``, the phantoms' own masks), its learning curve measured on the validation
+studies; after pre-training, each label's calibration a_l, c_l is fitted to the training studies'
+evidence (``calibrate``), and fine-tuning trains head and calibration together with the segmenter
+fixed, so the head learns what the evidence misses.
+
 ``train_medmap_demo`` runs all of it on fresh MRI phantoms and writes the shipped demo detector;
 ``python -m med3dvlm.train.medmap OUT_DIR`` does the same from the command line. ``train.medmap_run``
 runs the stages on the user's own MedMoM-layout data (``med3dvlm train medmap``).
@@ -34,6 +41,7 @@ from tqdm.auto import tqdm
 
 from ..data.medmom import PHANTOM_LABELS, phantom_mr_study
 from ..data.medmom_samples import StudySample, collate_studies, stacked_targets, with_sequences
+from ..data.reports import write_report
 from ..detection import Detector, detector_preprocess, score_studies, subsets_of
 from ..eval.classification import f1_score, per_class_auc, select_threshold
 from ..models.medmap import MedMAPConfig, MedMAPModel, tokenize
@@ -43,7 +51,8 @@ from ..preprocess import PreprocessConfig, preprocess
 from ..tokenizer import train_tokenizer
 from ..volume import MR_SEQUENCES
 from .config import TrainConfig
-from .dense import N_DENSE_OUTPUTS, phantom_targets, token_grid_losses
+from .dense import N_DENSE_OUTPUTS, cached_examples, phantom_targets, token_grid_losses
+from .lesion_crops import segmenter_auc, segmenter_targets, train_segmenter
 from .trainer import TrainResult, train
 
 logger = logging.getLogger(__name__)
@@ -51,6 +60,9 @@ logger = logging.getLogger(__name__)
 HEAD_PARAMS = ("query_proj", "key_proj", "pos_embed", "label_query", "label_bias")
 TEXT_PARAMS = ("language_encoder", "mm_language_proj")
 ZERO_SHOT_PARAMS = ("mm_vision_proj", "t_prime", "bias")
+SEGMENTER_PARAMS = ("evidence",)                       # trained on crops alone
+CALIBRATION_PARAMS = ("evidence_scale", "evidence_bias")
+SEGMENTER = {"rounds": 7, "steps_per_round": 250, "batch_size": 16, "lr": 3e-3}   # the CT segmenter's, +1 round
 SEED_OFFSETS = {"train": 100_000, "validation": 200_000, "test": 300_000}  # disjoint phantom seeds
 
 
@@ -59,26 +71,47 @@ def _under(name: str, prefixes: Sequence[str]) -> bool:
 
 
 # ---- data ---------------------------------------------------------------------------------
+def _phantom_study(args) -> dict:
+    seed, input_size, sequences, shape, findings = args
+    config = PreprocessConfig(shape=tuple(input_size))
+    study = phantom_mr_study(int(seed), sequences, shape, findings)
+    # The sequences share one geometry; the masks follow the first one's preprocessing.
+    phantom = Phantom(next(iter(study.volumes.values())), study.truth)
+    return {"pixels": torch.cat([preprocess(v, config) for v in study.volumes.values()]).half(),
+            "pairs": sorted(list(pair) for pair in study.truth.pairs),
+            "report": write_report(study.truth, np.random.default_rng(seed)),
+            "targets": phantom_targets(phantom, config), "findings": segmenter_targets(phantom, config)}
+
+
 def phantom_samples(seeds: Sequence[int], labels: Sequence[tuple[str, str]], input_size: tuple[int, int, int],
                     sequences: Sequence[str] = MR_SEQUENCES, shape=None, findings: Sequence[int] | None = None,
-                    progress: bool = False) -> list[StudySample]:
-    """Synthetic MRI studies (``data.phantoms``), preprocessed once to the model input size.
+                    progress: bool = False, cache: Path | None = None, workers: int = 2) -> list[StudySample]:
+    """Synthetic MRI studies (``data.phantoms``), preprocessed once to the model input size, with
+    their dense and segmenter targets.
 
     ``findings`` (e.g. (2, 3, 4)) sets how many findings a study holds, cycling over the seeds;
     None keeps the phantoms' own 0-2. More findings per study = more positives per training step.
+    ``cache``: a file that keeps the studies made (``workers`` processes make the missing ones).
     """
-    from ..data.reports import write_report
-
-    config = PreprocessConfig(shape=tuple(input_size))
+    jobs = {f"mr:{seed}:{tuple(input_size)}:{tuple(sequences)}:{shape}:{findings}":
+            (seed, tuple(input_size), tuple(sequences), shape, findings) for seed in seeds}
+    if cache is None:
+        made = [_phantom_study(job) for job in tqdm(jobs.values(), desc="MRI phantoms", disable=not progress,
+                                                    unit="study")]
+    else:
+        made = list(cached_examples(cache, jobs, _phantom_study, workers).values())
     out = []
-    for seed in tqdm(seeds, desc="MRI phantoms", disable=not progress, unit="study"):
-        study = phantom_mr_study(int(seed), sequences, shape, findings)
-        pixels = {s: preprocess(v, config).to(torch.float16) for s, v in study.volumes.items()}
-        y = torch.tensor([float(pair in study.truth.pairs) for pair in labels])
-        # The sequences share one geometry; the masks follow the first one's preprocessing.
-        targets = phantom_targets(Phantom(next(iter(study.volumes.values())), study.truth), config)
-        out.append(StudySample(pixels, write_report(study.truth, np.random.default_rng(seed)), y, targets))
+    for study in made:
+        pairs = {tuple(pair) for pair in study["pairs"]}
+        pixels = dict(zip(sequences, study["pixels"].split(1)))
+        y = torch.tensor([float(pair in pairs) for pair in labels])
+        out.append(StudySample(pixels, study["report"], y, study["targets"], study["findings"]))
     return out
+
+
+def segmenter_examples(samples: Sequence[StudySample], sequences: Sequence[str]) -> list[dict]:
+    """The segmenter's examples: each study's sequences as channels (in ``sequences`` order) and its targets."""
+    return [{"pixels": torch.cat([s.pixels[q] for q in sequences]), **s.findings} for s in samples]
 
 
 def build_model(config: MedMAPConfig, tokenizer) -> MedMAPModel:
@@ -143,7 +176,7 @@ def pretrain(model: MedMAPModel, samples: Sequence[StudySample], tokenizer, conf
 
     model.freeze_text(False)
     # one sequence at a time: the fusion gate has nothing to weigh
-    unused = (*HEAD_PARAMS, "sequence_stems.gate", "sequence_stems.gate_bias")
+    unused = (*HEAD_PARAMS, *SEGMENTER_PARAMS, *CALIBRATION_PARAMS, "sequence_stems.gate", "sequence_stems.gate_bias")
     with _organ_aware(model, samples):
         return train(model, _PairData(samples, model.config.sequences), config, loss_fn=loss_fn, collate_fn=collate,
                      trainable=lambda name: not _under(name, unused) and ".pooler." not in name)
@@ -182,6 +215,10 @@ def finetune(model: MedMAPModel, samples: Sequence[StudySample], config: TrainCo
     def loss_fn(m: MedMAPModel, batch) -> torch.Tensor:
         tokens, _ = m.encode_study(batch["images"], batch["sequence_ids"], batch["mask"])
         logits = m.detect_logits(tokens)
+        if m.config.evidence:  # the segmenter is fixed: no graph through it
+            with torch.no_grad():
+                evidence = m.finding_evidence(batch["images"], batch["sequence_ids"], batch["mask"])
+            logits = logits + m.calibrated(evidence)
         weight = None if pos_weight is None else torch.full_like(logits[0], pos_weight)
         return F.binary_cross_entropy_with_logits(logits, batch["labels"], pos_weight=weight) + _dense(m, tokens, batch)
 
@@ -189,7 +226,42 @@ def finetune(model: MedMAPModel, samples: Sequence[StudySample], config: TrainCo
     with _organ_aware(model, samples):
         return train(model, _StudyData(samples, model.config.sequences, full_study_p, augment), config,
                      loss_fn=loss_fn, collate_fn=collate_studies,
-                     trainable=lambda name: not _under(name, (*TEXT_PARAMS, *ZERO_SHOT_PARAMS)))
+                     trainable=lambda name: not _under(name, (*TEXT_PARAMS, *ZERO_SHOT_PARAMS, *SEGMENTER_PARAMS)))
+
+
+# ---- finding evidence -----------------------------------------------------------------------
+def train_evidence(model: MedMAPModel, train_set: Sequence[StudySample], held_out: Sequence[StudySample],
+                   config: TrainConfig, rounds: int, steps_per_round: int, log=print) -> list[dict]:
+    """The model's segmenter on lesion-centred crops of ``train_set``; continues the run in
+    ``config.output_dir``. Returns the learning curve (macro AUC on ``held_out`` whole studies)."""
+    sequences = model.config.sequences
+    return train_segmenter(model.evidence, segmenter_examples(train_set, sequences),
+                           segmenter_examples(held_out, sequences), config, rounds, steps_per_round, log)
+
+
+@torch.no_grad()
+def calibrate(model: MedMAPModel, samples: Sequence[StudySample], steps: int = 300, batch_size: int = 8) -> None:
+    """Fits each label's a_l, c_l to the full studies' evidence by logistic regression (BCE)."""
+    model.eval()
+    evidence = []
+    for start in range(0, len(samples), batch_size):
+        batch = collate_studies([(torch.stack([s.pixels[n].float() for n in s.pixels]),
+                                  model.sequence_ids(list(s.pixels)).cpu(), s.labels, None)
+                                 for s in samples[start:start + batch_size]])
+        evidence.append(model.finding_evidence(batch["images"], batch["sequence_ids"], batch["mask"]))
+    x = torch.logit(torch.cat(evidence), eps=1e-4)
+    y = torch.stack([s.labels for s in samples])
+    scale, bias = torch.ones(x.shape[1], requires_grad=True), torch.zeros(x.shape[1], requires_grad=True)
+    optimiser = torch.optim.Adam([scale, bias], lr=0.05)
+    with torch.enable_grad():
+        for _ in range(steps):
+            # a light pull towards (1, 0): a label no training study separates keeps a sane scale
+            loss = F.binary_cross_entropy_with_logits(scale * x + bias, y) + 1e-3 * ((scale - 1) ** 2 + bias ** 2).mean()
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    model.evidence_scale.copy_(scale)
+    model.evidence_bias.copy_(bias)
 
 
 # ---- evaluation ---------------------------------------------------------------------------
@@ -235,44 +307,70 @@ def evaluate(model: MedMAPModel, val: Sequence[StudySample], test: Sequence[Stud
 
 
 # ---- the shipped demo ---------------------------------------------------------------------
-def train_medmap_demo(out_dir: str | Path, *, n_train: int = 240, n_val: int = 60, n_test: int = 120,
+def train_medmap_demo(out_dir: str | Path, *, n_train: int = 320, n_val: int = 120, n_test: int = 120,
                       seed: int = 0, input_size: tuple[int, int, int] = (32, 64, 64), phantom_shape=(128, 128, 32),
-                      train_findings: Sequence[int] = (2, 3, 4), pretrain_epochs: int = 2, finetune_epochs: int = 8,
-                      batch_size: int = 16, progress: bool = True) -> dict:
+                      train_findings: Sequence[int] = (2, 3, 4), pretrain_epochs: int = 2, finetune_epochs: int = 4,
+                      batch_size: int = 16, evidence: bool = True, segmenter: dict | None = None,
+                      work: str | Path | None = None, workers: int = 2, progress: bool = True,
+                      command: str | None = None) -> dict:
     """Pre-trains and fine-tunes a small MedMAP detector on fresh MRI phantoms and saves it to ``out_dir``.
 
     Training studies hold ``train_findings`` findings each (more positives per step); validation
-    (thresholds) and test studies keep the phantoms' own 0-2. Zero-shot (pre-trained only) and
-    fine-tuned scores are evaluated on the unseen test phantoms, for the full study and each
-    sequence alone, and written to ``out_dir/metrics.json``.
+    (thresholds, the segmenter's curve) and test studies keep the phantoms' own 0-2. Zero-shot
+    (pre-trained only) and fine-tuned scores are evaluated on the unseen test phantoms, for the full
+    study and each sequence alone, and written to ``out_dir/metrics.json``. ``evidence``: with a
+    finding segmenter (``segmenter``: rounds, steps_per_round and TrainConfig fields, default
+    ``SEGMENTER``). ``work``: a folder that keeps the phantoms and the segmenter's run, so a second
+    build continues its rounds (default: a temporary folder).
     """
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     out_dir = Path(out_dir)
-    runs = Path(tempfile.mkdtemp(prefix="medmap-runs-"))  # trainer checkpoints stay out of the shipped folder
+    temporary = Path(tempfile.mkdtemp(prefix="medmap-runs-"))  # trainer checkpoints stay out of the shipped folder
+    work = Path(work) if work is not None else temporary
+    work.mkdir(parents=True, exist_ok=True)
     splits = {"train": n_train, "validation": n_val, "test": n_test}
     seeds = {k: [SEED_OFFSETS[k] + seed * 10_000 + i for i in range(n)] for k, n in splits.items()}
     data = {k: phantom_samples(s, PHANTOM_LABELS, input_size, shape=phantom_shape, progress=progress,
-                               findings=train_findings if k == "train" else None)
+                               findings=train_findings if k == "train" else None,
+                               cache=work / f"phantoms-{k}.pt", workers=workers)
             for k, s in seeds.items()}
-    tokenizer = train_tokenizer([s.report for s in data["train"]] + MedMAPConfig(PHANTOM_LABELS).prompts,
-                                vocab_size=1000)
+    config = MedMAPConfig(PHANTOM_LABELS, input_size=input_size, evidence=evidence)
+    tokenizer = train_tokenizer([s.report for s in data["train"]] + config.prompts, vocab_size=1000)
     torch.manual_seed(seed)
-    model = build_model(MedMAPConfig(PHANTOM_LABELS, input_size=input_size), tokenizer)
+    model = build_model(config, tokenizer)
     common = {"batch_size": batch_size, "seed": seed, "progress": progress, "log_every": 5, "device": "cpu",
               "lr": 2e-3, "warmup_steps": 5, "weight_decay": 0.01}
+    extra = {}
+    if evidence:
+        options = {**SEGMENTER, **(segmenter or {})}
+        rounds, steps = options.pop("rounds"), options.pop("steps_per_round")
+        run = TrainConfig(output_dir=str(work / "segmenter"), seed=seed, device="cpu", progress=progress,
+                          schedule="constant", grad_clip=None, log_every=50, resume=True, **options)
+        curve = train_evidence(model, data["train"], data["validation"], run, rounds, steps,
+                               print if progress else logger.info)
+        test = segmenter_examples(data["test"], model.config.sequences)
+        extra = {"segmenter_curve": [{k: row[k] for k in ("steps", "crops", "train_seconds", "cpu_seconds", "macro_auc")}
+                                     for row in curve],
+                 "segmenter_test": segmenter_auc(model.evidence, torch.stack([e["pixels"] for e in test]),
+                                                 torch.stack([e["present"] for e in test]))}
     pretrain(model, data["train"], tokenizer,
-             TrainConfig(output_dir=str(runs / "pretrain"), epochs=pretrain_epochs, **common))
+             TrainConfig(output_dir=str(temporary / "pretrain"), epochs=pretrain_epochs, **common))
     subsets = subsets_of(model.config.sequences)
     zero_shot = evaluate(model, data["validation"], data["test"], subsets, zero_shot=True)
-    finetune(model, data["train"], TrainConfig(output_dir=str(runs / "finetune"), epochs=finetune_epochs, **common))
+    if evidence:
+        calibrate(model, data["train"])
+    finetune(model, data["train"], TrainConfig(output_dir=str(temporary / "finetune"), epochs=finetune_epochs,
+                                                **common))
     finetuned = evaluate(model, data["validation"], data["test"], subsets)
-    shutil.rmtree(runs, ignore_errors=True)
+    shutil.rmtree(temporary, ignore_errors=True)
     thresholds = {key: result["thresholds"] for key, result in finetuned.items()}
     Detector(model.eval(), tokenizer, thresholds, detector_preprocess(input_size)).save(out_dir)
-    metrics = {"zero_shot": zero_shot, "finetuned": finetuned, "seeds": {k: [v[0], v[-1]] for k, v in seeds.items()},
+    metrics = {"zero_shot": zero_shot, "finetuned": finetuned, **extra,
+               "seeds": {k: [v[0], v[-1]] for k, v in seeds.items()},
                "phantom_shape": list(phantom_shape) if phantom_shape else None,
                "train_findings": list(train_findings), "train_seconds": round(time.perf_counter() - started, 1),
-               "command": f"python -m med3dvlm.train.medmap {out_dir} --seed {seed}"}
+               "cpu_seconds": round(time.process_time() - cpu_started, 1),
+               "command": command or f"python -m med3dvlm.train.medmap {out_dir} --seed {seed}"}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     return metrics
 
@@ -286,13 +384,22 @@ def summary(metrics: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    import sys
+
     parser = argparse.ArgumentParser(description="Train the MedMAP demo detector on MRI phantoms.")
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--evidence", action=argparse.BooleanOptionalAction, default=True,
+                        help="with a finding segmenter (default: yes)")
+    parser.add_argument("--work", help="keeps the phantoms and the segmenter's run; a second build continues it")
+    parser.add_argument("--segmenter-rounds", type=int, default=SEGMENTER["rounds"],
+                        help=f"rounds of {SEGMENTER['steps_per_round']} segmenter steps (default: %(default)s)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    metrics = train_medmap_demo(args.out_dir, seed=args.seed)
+    command = "python -m med3dvlm.train.medmap " + " ".join(sys.argv[1:] if argv is None else argv)
+    metrics = train_medmap_demo(args.out_dir, seed=args.seed, evidence=args.evidence, work=args.work,
+                                segmenter={"rounds": args.segmenter_rounds}, command=command)
     print(summary(metrics))
     print(f"trained in {metrics['train_seconds']} s; detector in {args.out_dir}")
 

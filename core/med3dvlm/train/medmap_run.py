@@ -77,6 +77,9 @@ def train_medmap(data: str | Path, out: str | Path, stages: dict[str, TrainConfi
     studies = read_medmom(data)
     labels, sequences = table_labels(studies), table_sequences(studies)
     config = MedMAPConfig(labels, sequences=sequences, **(architecture or {}))
+    if config.evidence:
+        raise Med3DVLMError("Finding evidence learns from the phantoms' lesion masks, which a MedMoM table does "
+                            "not hold; build it with python -m med3dvlm.train.medmap.")
     preprocessing = detector_preprocess(config.input_size)
     by_split = {split: [s for s in studies if s.split == split] for split in ("train", "validation")}
     if not by_split["train"]:
