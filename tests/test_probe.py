@@ -34,3 +34,23 @@ def test_probe_on_the_demo_models_tokens_runs_end_to_end(ct_dataset):
     result = token_probe(pipe, ct_dataset, 6, images, truth_pairs(ct_dataset))
     assert list(result["per_label_auc"]) == [f"{o}/{k}" for o, k in PAIRS]
     assert result["labels_scored"] >= 1 and 0.0 <= result["macro_auc"] <= 1.0
+
+
+
+def test_probe_regularisation_is_chosen_on_the_fitted_set_where_weak_signals_spread_over_many_channels():
+    from med3dvlm.eval.classification import per_class_auc
+    from med3dvlm.eval.probe import choose_l2, fit_probe, probe_scores
+
+    g = torch.Generator().manual_seed(1)
+    fit_y, test_y = ((torch.rand(n, 1, generator=g) < 0.3).float() for n in (120, 400))
+
+    def features(y):  # 100 of 300 channels each carry a little of the label: ridge's regime
+        x = torch.randn(len(y), 300, generator=g)
+        x[:, :100] += 0.3 * y
+        return x
+
+    fit_x, test_x = features(fit_y), features(test_y)
+    l2 = choose_l2(fit_x, fit_y)
+    auc = {w: per_class_auc(test_y.numpy().astype(int), probe_scores(fit_probe(fit_x, fit_y, w), test_x).numpy())[0]
+           for w in (1e-2, l2)}
+    assert l2 > 1e-2 and auc[l2] > auc[1e-2]
