@@ -13,8 +13,8 @@ from med3dvlm.data.lesions import PAIRS
 from med3dvlm.data.phantoms import make_mr_study
 from med3dvlm.detection import Detector
 from med3dvlm.errors import ModelError
-from med3dvlm.models.findings import FindingSegmenter, pair_probabilities
-from med3dvlm.models.medmap import MedMAPModel
+from med3dvlm.models.findings import STEM_STRIDE, FindingSegmenter, pair_probabilities
+from med3dvlm.models.medmap import MedMAPConfig, MedMAPModel
 from med3dvlm.tokenizer import train_tokenizer
 from med3dvlm.train.config import TrainConfig
 from med3dvlm.train.lesion_crops import LesionCrops
@@ -61,6 +61,28 @@ def test_evidence_is_each_labels_largest_pair_probability_over_the_studys_sequen
         # another segmenter, other logits: the evidence is not ignored
         model.evidence.load_state_dict(FindingSegmenter(sequences=3).state_dict())
         assert not torch.allclose(model(images, ids, mask)["logits"], logits)
+
+
+def test_a_full_grid_segmenter_has_its_targets_and_crops_on_the_full_grid():
+    full = phantom_samples([600], LABELS, INPUT, SEQUENCES, shape=SHAPE, findings=(4,), stride=(1, 1, 1))
+    example = segmenter_examples(full, SEQUENCES)[0]
+    assert example["kinds"].shape == example["organs"].shape == INPUT
+    assert (example["kinds"] > 0).any()
+    model = MedMAPModel(tiny_config(LABELS, evidence=True, evidence_stride=(1, 1, 1))).eval()
+    with torch.no_grad():
+        assert model.evidence(example["pixels"][None].float()).shape[2:] == INPUT
+    crop = LesionCrops([example], seed=1, crop=(8, 16, 16))[0]
+    assert crop["pixels"].shape[1:] == crop["kinds"].shape == crop["organs"].shape == (8, 16, 16)
+
+
+def test_a_config_saved_before_the_stride_existed_loads_the_half_grid_segmenter():
+    saved = tiny_config(LABELS, evidence=True).to_dict()
+    del saved["evidence_stride"]
+    model = MedMAPModel(MedMAPConfig.from_dict(saved))
+    assert model.evidence.stride == STEM_STRIDE == (1, 2, 2)
+    assert model.evidence(torch.rand(1, 3, *INPUT)).shape[2:] == (16, 16, 16)
+    # a saved stride comes back as JSON does: a list
+    assert MedMAPConfig.from_dict({**saved, "evidence_stride": [1, 1, 1]}).evidence_stride == (1, 1, 1)
 
 
 def test_study_crops_show_every_sequence_half_of_the_time(samples):

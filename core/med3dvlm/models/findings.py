@@ -32,7 +32,7 @@ from ..data.lesions import ABNORMALITIES, PAIRS
 N_KINDS = 1 + len(ABNORMALITIES)    # background + the five kinds
 N_ORGANS = 1 + len(LABELS)          # other + the labelled structures
 N_EVIDENCE = len(PAIRS)             # channels added to each image token
-STEM_STRIDE = (1, 2, 2)             # the maps come out at (D, H/2, W/2)
+STEM_STRIDE = (1, 2, 2)             # default: the maps come out at (D, H/2, W/2)
 # Row of PAIRS -> (kind channel, organ channel) of the segmenter's outputs.
 _PAIR_KIND = [1 + ABNORMALITIES.index(kind) for _, kind in PAIRS]
 _PAIR_ORGAN = [1 + list(LABELS.values()).index(organ) for organ, _ in PAIRS]
@@ -50,18 +50,22 @@ def coordinate_grid(shape: Sequence[int], device=None) -> Tensor:
 
 
 class FindingSegmenter(nn.Module):
-    """(B, S, D, H, W) pixels (+ their coordinates) -> (B, N_KINDS + N_ORGANS, D, H/2, W/2) logits.
+    """(B, S, D, H, W) pixels (+ their coordinates) -> (B, N_KINDS + N_ORGANS, D/sd, H/sh, W/sw) logits.
 
     ``sequences`` (S): input channels; above one, each is an MRI sequence that may be absent.
+    ``stride`` (sd, sh, sw) of the stem: the output grid. The default halves the plane (the CT
+    demo's voxels are ~3x longer along D than in-plane, at 128 x 128); a detector whose input is
+    small in-plane keeps the full grid, where a few-voxel calcification is more than a cell or two.
+    The parameters do not depend on it.
     """
 
-    def __init__(self, channels: Sequence[int] = (16, 32, 64, 96), sequences: int = 1) -> None:
+    def __init__(self, channels: Sequence[int] = (16, 32, 64, 96), sequences: int = 1,
+                 stride: Sequence[int] = STEM_STRIDE) -> None:
         super().__init__()
         c0, c1, c2, c3 = channels
-        self.sequences = sequences
+        self.sequences, self.stride = sequences, tuple(stride)
         inputs = (2 * sequences if sequences > 1 else 1) + 3   # pixels (+ presence) + coordinates
-        # Strided in-plane stem: the demo's voxels are ~3x longer along D than in-plane.
-        self.stem = nn.Sequential(nn.Conv3d(inputs, c0, 3, stride=STEM_STRIDE, padding=1, bias=False),
+        self.stem = nn.Sequential(nn.Conv3d(inputs, c0, 3, stride=self.stride, padding=1, bias=False),
                                   nn.BatchNorm3d(c0), nn.ReLU(inplace=True))
         self.enc0, self.enc1, self.enc2, self.enc3 = _block(c0, c0), _block(c0, c1), _block(c1, c2), _block(c2, c3)
         self.dec2, self.dec1, self.dec0 = _block(c3 + c2, c2), _block(c2 + c1, c1), _block(c1 + c0, c0)

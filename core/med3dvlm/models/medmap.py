@@ -49,7 +49,7 @@ from ..install_hint import install_hint
 from ..volume import MR_SEQUENCES
 from ..data.lesions import PAIRS
 from .dcformer import DCFormer, DCFormerConfig, stage_tokens
-from .findings import FindingSegmenter, pair_probabilities
+from .findings import STEM_STRIDE, FindingSegmenter, pair_probabilities
 from .text import TextConfig, build_text_model, encode_text_tokens, text_width
 
 PROMPT_TEMPLATE = "a {kind} in the {organ}"
@@ -75,7 +75,9 @@ class MedMAPConfig:
 
     ``token_stage``: the backbone stage whose grid carries the tokens (later stages are upsampled
     onto it). The swin backbone needs sizes divisible by 32 (patch 2, four merges). ``evidence``:
-    a finding segmenter adds its calibrated evidence to each logit (labels among ``PAIRS``).
+    a finding segmenter adds its calibrated evidence to each logit (labels among ``PAIRS``);
+    ``evidence_stride``: its stem's stride, i.e. its output grid (configs saved before the field
+    existed had the default).
     """
 
     labels: tuple[tuple[str, str], ...]
@@ -92,11 +94,13 @@ class MedMAPConfig:
     prompt_template: str = PROMPT_TEMPLATE
     max_text_length: int = 128
     evidence: bool = False
+    evidence_stride: tuple[int, int, int] = STEM_STRIDE
 
     def __post_init__(self) -> None:
         self.labels = tuple((str(o), str(k)) for o, k in self.labels)
         self.sequences = tuple(self.sequences)
         self.input_size = tuple(int(s) for s in self.input_size)  # type: ignore[assignment]
+        self.evidence_stride = tuple(int(s) for s in self.evidence_stride)  # type: ignore[assignment]
         if isinstance(self.text, dict):
             self.text = TextConfig(**self.text)
         problems = []
@@ -110,6 +114,8 @@ class MedMAPConfig:
             problems.append(f"input_size must be three positive sizes (D, H, W), got {self.input_size}")
         elif self.backbone == "swin" and any(s % 32 for s in self.input_size):
             problems.append(f"the swin backbone needs input sizes divisible by 32, got {self.input_size}")
+        if len(self.evidence_stride) != 3 or min(self.evidence_stride) < 1:
+            problems.append(f"evidence_stride must be three positive strides (D, H, W), got {self.evidence_stride}")
         if self.stem_channels < 1:
             problems.append(f"stem_channels must be >= 1, got {self.stem_channels}")
         if not 0 <= self.token_stage <= 4:
@@ -244,7 +250,7 @@ class MedMAPModel(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(grid[0] * grid[1] * grid[2], e))
         self.label_bias = nn.Parameter(torch.zeros(n_labels))
         if config.evidence:  # trained on crops (train.lesion_crops), then a fixed part of the detector
-            self.evidence = FindingSegmenter(sequences=s)
+            self.evidence = FindingSegmenter(sequences=s, stride=config.evidence_stride)
             self.evidence_scale = nn.Parameter(torch.ones(n_labels))
             self.evidence_bias = nn.Parameter(torch.zeros(n_labels))
             self.pair_rows = [PAIRS.index(pair) for pair in config.labels]

@@ -4,9 +4,9 @@ Whole volumes spend a small CPU on normal tissue, and a few hundred of them are 
 than learned; a crop of 16 x 32 x 32 model voxels, centred on a lesion two times in three and
 placed at random otherwise, is a fresh view at every step (nnU-Net's foreground oversampling).
 Targets are the phantoms' own masks carried through the image's preprocessing, on the
-segmenter's output grid (D, H/2, W/2): the finding kind of each cell (background + five kinds)
-and its organ (other + the labelled structures). The loss is cross-entropy + soft Dice over the
-kinds, plus cross-entropy over the organs.
+segmenter's output grid (its stem's stride; by default (D, H/2, W/2)): the finding kind of each
+cell (background + five kinds) and its organ (other + the labelled structures). The loss is
+cross-entropy + soft Dice over the kinds, plus cross-entropy over the organs.
 
 MRI studies (the MedMAP detector's evidence) train the same way: an example's pixels are its
 sequences, one channel each, on the grid the masks share, and a crop shows the whole study half
@@ -49,10 +49,12 @@ CENTRES_PER_FINDING = 16    # voxels of each finding remembered as crop centres
 ORGAN_WEIGHT = 0.5
 
 
-def segmenter_targets(phantom: Phantom, config: PreprocessConfig) -> dict[str, torch.Tensor]:
-    """Kinds and organs per cell of the segmenter's output grid, and voxels of each finding.
+def segmenter_targets(phantom: Phantom, config: PreprocessConfig,
+                      stride: Sequence[int] = STEM_STRIDE) -> dict[str, torch.Tensor]:
+    """Kinds and organs per cell of the segmenter's output grid (model voxels / ``stride``), and
+    voxels of each finding.
 
-    kinds, organs: (D, H/2, W/2) uint8 class indices (0 = background / other); a cell has a kind
+    kinds, organs: (D, H, W) / stride uint8 class indices (0 = background / other); a cell has a kind
     when any of its voxels is at least half inside a finding of that kind, and then the organ of
     that finding. centres: (n, 3) int16
     model voxels inside findings (a few per finding), where lesion-centred crops are placed.
@@ -63,17 +65,17 @@ def segmenter_targets(phantom: Phantom, config: PreprocessConfig) -> dict[str, t
     occupancy = carry(phantom.volume, np.stack(masks).astype(np.float32), config)
     organs, findings = occupancy[:len(LABELS)], occupancy[len(LABELS):]
     organs = torch.cat([(1 - organs.sum(0, keepdim=True)).clamp_min(0), organs])
-    organ_index = F.avg_pool3d(organs[None], STEM_STRIDE)[0].argmax(0)
+    organ_index = F.avg_pool3d(organs[None], stride)[0].argmax(0)
     kinds = torch.zeros(len(ABNORMALITIES), *occupancy.shape[1:])
     organ_values = list(LABELS.values())
     for f, occ in zip(truth.findings, findings):
         k = ABNORMALITIES.index(f.kind)
         kinds[k] = torch.maximum(kinds[k], occ)
         # a finding's cells belong to its organ: ascites and effusions lie outside the organ's label
-        cells = F.max_pool3d((occ >= 0.5).float()[None, None], STEM_STRIDE)[0, 0] > 0
+        cells = F.max_pool3d((occ >= 0.5).float()[None, None], stride)[0, 0] > 0
         organ_index[cells] = 1 + organ_values.index(f.organ)
-    inside = F.max_pool3d((kinds >= 0.5).float()[None], STEM_STRIDE)[0]
-    pooled = F.avg_pool3d(kinds[None], STEM_STRIDE)[0] * inside
+    inside = F.max_pool3d((kinds >= 0.5).float()[None], stride)[0]
+    pooled = F.avg_pool3d(kinds[None], stride)[0] * inside
     kind_index = torch.where(inside.any(0), pooled.argmax(0) + 1, 0)
     rng = np.random.default_rng(0)
     centres = []
@@ -109,7 +111,10 @@ class LesionCrops(Dataset):
                  lesion_share: float = LESION_SHARE) -> None:
         self.examples, self.length, self.seed = list(examples), length, seed
         self.crop, self.lesion_share = tuple(crop), lesion_share
-        self.coords = coordinate_grid(self.examples[0]["pixels"].shape[1:])
+        shape = self.examples[0]["pixels"].shape[1:]
+        self.coords = coordinate_grid(shape)
+        # the segmenter's stride, as the targets were made for it
+        self.stride = np.array(shape) // np.array(self.examples[0]["kinds"].shape)
 
     def __len__(self) -> int:
         return self.length
@@ -125,10 +130,9 @@ class LesionCrops(Dataset):
             start = centre - crop // 2
         else:
             start = rng.integers(0, shape - crop + 1)
-        stride = np.array(STEM_STRIDE)
-        start = np.clip(start, 0, shape - crop) // stride * stride   # on the output grid
+        start = np.clip(start, 0, shape - crop) // self.stride * self.stride   # on the output grid
         box = tuple(slice(s, s + c) for s, c in zip(start, crop))
-        cells = tuple(slice(s // k, (s + c) // k) for s, c, k in zip(start, crop, stride))
+        cells = tuple(slice(s // k, (s + c) // k) for s, c, k in zip(start, crop, self.stride))
         item = {"pixels": example["pixels"][(slice(None), *box)].float(), "coords": self.coords[(slice(None), *box)],
                 "kinds": example["kinds"][cells].long(), "organs": example["organs"][cells].long()}
         n = len(example["pixels"])
@@ -171,9 +175,10 @@ def segmenter_auc(segmenter: FindingSegmenter, pixels: torch.Tensor, labels: tor
 
 
 def train_segmenter(segmenter: FindingSegmenter, examples: Sequence[dict], held_out: Sequence[dict],
-                    config: TrainConfig, rounds: int, steps_per_round: int, log=print) -> list[dict]:
-    """Train in ``rounds`` of ``steps_per_round`` steps (resuming the run in ``config.output_dir``
-    when it has a checkpoint), scoring the AUC on ``held_out`` whole phantoms after each round.
+                    config: TrainConfig, rounds: int, steps_per_round: int, log=print, crop=CROP) -> list[dict]:
+    """Train in ``rounds`` of ``steps_per_round`` steps on ``crop``-sized crops (resuming the run in
+    ``config.output_dir`` when it has a checkpoint), scoring the AUC on ``held_out`` whole phantoms
+    after each round.
 
     Returns the learning curve of the whole run, earlier sessions included: rows of optimiser
     steps, crops, training seconds (wall and CPU) and macro AUC. The crop stream of a run starts
@@ -188,7 +193,7 @@ def train_segmenter(segmenter: FindingSegmenter, examples: Sequence[dict], held_
     # Steps before this run's checkpoints (weights shipped without their optimiser): a fresh run
     # over a fresh crop stream, counted on from there.
     base = curve[-1].get("base", 0) if curve and checkpoint.is_dir() else done
-    dataset = LesionCrops(examples, seed=config.seed + base)
+    dataset = LesionCrops(examples, seed=config.seed + base, crop=crop)
     if checkpoint.is_dir():  # the run's weights, also when no round is asked for (``--segmenter-rounds 0``)
         load_trainable(segmenter, checkpoint)
     wall, cpu = (curve[-1]["train_seconds"], curve[-1]["cpu_seconds"]) if curve else (0.0, 0.0)

@@ -44,6 +44,7 @@ from ..data.medmom_samples import StudySample, collate_studies, stacked_targets,
 from ..data.reports import write_report
 from ..detection import Detector, detector_preprocess, score_studies, subsets_of
 from ..eval.classification import f1_score, per_class_auc, select_threshold
+from ..models.findings import STEM_STRIDE
 from ..models.medmap import MedMAPConfig, MedMAPModel, tokenize
 from ..data.phantoms import Phantom
 from ..models.siglip import sigmoid_loss
@@ -63,6 +64,9 @@ ZERO_SHOT_PARAMS = ("mm_vision_proj", "t_prime", "bias")
 SEGMENTER_PARAMS = ("evidence",)                       # trained on crops alone
 CALIBRATION_PARAMS = ("evidence_scale", "evidence_bias")
 SEGMENTER = {"rounds": 7, "steps_per_round": 250, "batch_size": 16, "lr": 3e-3}   # the CT segmenter's, +1 round
+# At 32 x 64 x 64 a calcification covers 7-8 voxels: the segmenter keeps the full grid, and its
+# crops are smaller in-plane to pay for it (a step costs ~2.5x the half grid's, not 4.5x).
+EVIDENCE_STRIDE, EVIDENCE_CROP = (1, 1, 1), (16, 24, 24)
 SEED_OFFSETS = {"train": 100_000, "validation": 200_000, "test": 300_000}  # disjoint phantom seeds
 
 
@@ -72,7 +76,7 @@ def _under(name: str, prefixes: Sequence[str]) -> bool:
 
 # ---- data ---------------------------------------------------------------------------------
 def _phantom_study(args) -> dict:
-    seed, input_size, sequences, shape, findings = args
+    seed, input_size, sequences, shape, findings, stride = args
     config = PreprocessConfig(shape=tuple(input_size))
     study = phantom_mr_study(int(seed), sequences, shape, findings)
     # The sequences share one geometry; the masks follow the first one's preprocessing.
@@ -80,21 +84,22 @@ def _phantom_study(args) -> dict:
     return {"pixels": torch.cat([preprocess(v, config) for v in study.volumes.values()]).half(),
             "pairs": sorted(list(pair) for pair in study.truth.pairs),
             "report": write_report(study.truth, np.random.default_rng(seed)),
-            "targets": phantom_targets(phantom, config), "findings": segmenter_targets(phantom, config)}
+            "targets": phantom_targets(phantom, config), "findings": segmenter_targets(phantom, config, stride)}
 
 
 def phantom_samples(seeds: Sequence[int], labels: Sequence[tuple[str, str]], input_size: tuple[int, int, int],
                     sequences: Sequence[str] = MR_SEQUENCES, shape=None, findings: Sequence[int] | None = None,
-                    progress: bool = False, cache: Path | None = None, workers: int = 2) -> list[StudySample]:
+                    progress: bool = False, cache: Path | None = None, workers: int = 2,
+                    stride: Sequence[int] = STEM_STRIDE) -> list[StudySample]:
     """Synthetic MRI studies (``data.phantoms``), preprocessed once to the model input size, with
-    their dense and segmenter targets.
+    their dense and segmenter targets (on the grid of a segmenter of stem ``stride``).
 
     ``findings`` (e.g. (2, 3, 4)) sets how many findings a study holds, cycling over the seeds;
     None keeps the phantoms' own 0-2. More findings per study = more positives per training step.
     ``cache``: a file that keeps the studies made (``workers`` processes make the missing ones).
     """
-    jobs = {f"mr:{seed}:{tuple(input_size)}:{tuple(sequences)}:{shape}:{findings}":
-            (seed, tuple(input_size), tuple(sequences), shape, findings) for seed in seeds}
+    jobs = {f"mr:{seed}:{tuple(input_size)}:{tuple(sequences)}:{shape}:{findings}:{tuple(stride)}":
+            (seed, tuple(input_size), tuple(sequences), shape, findings, tuple(stride)) for seed in seeds}
     if cache is None:
         made = [_phantom_study(job) for job in tqdm(jobs.values(), desc="MRI phantoms", disable=not progress,
                                                     unit="study")]
@@ -231,12 +236,13 @@ def finetune(model: MedMAPModel, samples: Sequence[StudySample], config: TrainCo
 
 # ---- finding evidence -----------------------------------------------------------------------
 def train_evidence(model: MedMAPModel, train_set: Sequence[StudySample], held_out: Sequence[StudySample],
-                   config: TrainConfig, rounds: int, steps_per_round: int, log=print) -> list[dict]:
+                   config: TrainConfig, rounds: int, steps_per_round: int, log=print,
+                   crop: Sequence[int] = EVIDENCE_CROP) -> list[dict]:
     """The model's segmenter on lesion-centred crops of ``train_set``; continues the run in
     ``config.output_dir``. Returns the learning curve (macro AUC on ``held_out`` whole studies)."""
     sequences = model.config.sequences
     return train_segmenter(model.evidence, segmenter_examples(train_set, sequences),
-                           segmenter_examples(held_out, sequences), config, rounds, steps_per_round, log)
+                           segmenter_examples(held_out, sequences), config, rounds, steps_per_round, log, crop)
 
 
 @torch.no_grad()
@@ -330,11 +336,11 @@ def train_medmap_demo(out_dir: str | Path, *, n_train: int = 320, n_val: int = 1
     work.mkdir(parents=True, exist_ok=True)
     splits = {"train": n_train, "validation": n_val, "test": n_test}
     seeds = {k: [SEED_OFFSETS[k] + seed * 10_000 + i for i in range(n)] for k, n in splits.items()}
+    config = MedMAPConfig(PHANTOM_LABELS, input_size=input_size, evidence=evidence, evidence_stride=EVIDENCE_STRIDE)
     data = {k: phantom_samples(s, PHANTOM_LABELS, input_size, shape=phantom_shape, progress=progress,
                                findings=train_findings if k == "train" else None,
-                               cache=work / f"phantoms-{k}.pt", workers=workers)
+                               cache=work / f"phantoms-{k}.pt", workers=workers, stride=config.evidence_stride)
             for k, s in seeds.items()}
-    config = MedMAPConfig(PHANTOM_LABELS, input_size=input_size, evidence=evidence)
     tokenizer = train_tokenizer([s.report for s in data["train"]] + config.prompts, vocab_size=1000)
     torch.manual_seed(seed)
     model = build_model(config, tokenizer)
