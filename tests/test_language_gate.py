@@ -44,7 +44,7 @@ def test_present_findings_share_a_direction_one_query_finds_and_absent_ones_are_
     pairs = [i for i, name in enumerate(FACTS) if "/" in name]
     assert torch.equal(empty[pairs], empty[:1].expand(len(pairs), -1)) and torch.equal(empty[-1], empty[0])
     liver, spleen = two[FACTS.index("liver/fluid")], two[FACTS.index("spleen/mass")]
-    assert torch.dot(liver, spleen) > 0.1 * liver.norm() * spleen.norm()   # no organ or kind in common
+    assert torch.dot(liver, spleen) > 0.9   # no organ, kind or rank in common: "present" (weight 1) alone
     assert torch.dot(liver, empty[0]).abs() < 1e-4 * liver.norm() * empty[0].norm()
 
 
@@ -101,3 +101,19 @@ def test_a_language_stage_below_the_gate_stops_the_build_in_one_sentence(tiny_la
         language_gate(model, tokenizer, features, ct_dataset,
                       LanguageGate(recall=1.01, invented=0.0, closed_vqa=1.01, n_phantoms=4))
     assert "\n" not in str(error.value)
+
+
+def test_a_findings_rank_among_those_present_is_one_direction_the_first_and_second_differ():
+    def case(*findings):
+        return {"modality": "CT", "phase": "non-contrast",
+                "findings": [{"organ": o, "kind": k, "size_mm": 32, "location": "base", "center_mm": [0, 0, 0]}
+                             for o, k in findings]}
+    first = FACTS.index("liver/fluid")
+    alone = oracle_tokens(case(("liver", "fluid")), 32, 64, noise=0.0)
+    # a finding read before the liver's (the lungs come first) makes the liver's the second
+    second = oracle_tokens(case(("liver", "fluid"), ("left lung", "mass")), 32, 64, noise=0.0)
+    shift = second[first] - alone[first]
+    assert shift.norm() > 2.0 and torch.equal(alone[FACTS.index("phase:non-contrast")],
+                                              second[FACTS.index("phase:non-contrast")])
+    with pytest.raises(ValueError, match="at most"):
+        oracle_tokens(case(("liver", "fluid"), ("left lung", "mass"), ("spleen", "cyst")), 32, 64)
