@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from med3dvlm.data.medmom import PHANTOM_LABELS, read_medmom, write_phantom_medmom
 from med3dvlm.data.phantoms import make_mr_study
 from med3dvlm.detection import STUDY_KEY, Detector, as_study, detector_preprocess, score_studies
+from med3dvlm.detection_result import DetectionResult
+from med3dvlm.eval.classification import select_threshold
 from med3dvlm.errors import Med3DVLMError, ModelError, VolumeError
 from med3dvlm.models.medmap import MedMAPConfig, MedMAPModel
 from med3dvlm.models.text import TextConfig
@@ -169,7 +171,7 @@ def test_text_encoder_stays_bit_identical_while_vision_learns(trained):
 def make_detector(trained):
     y = torch.stack([s.labels for s in trained["train"]]).numpy()
     model = trained["model"]
-    thresholds = {STUDY_KEY: choose_thresholds(y, score_studies(model, trained["train"])).tolist()}
+    thresholds = {STUDY_KEY: choose_thresholds(y, score_studies(model, trained["train"]))}
     return Detector(model, trained["tokenizer"], thresholds, detector_preprocess(INPUT))
 
 
@@ -195,6 +197,35 @@ def test_detect_on_a_multi_sequence_study(trained):
     expected = score_studies(detector.model, sample)[0]
     got = np.array([result.probability(o, k) for o, k in detector.labels])
     np.testing.assert_allclose(got, expected, atol=2e-3)  # float16 storage of training pixels
+
+
+def test_thresholds_only_where_validation_scores_separate_the_studies():
+    rng = np.random.default_rng(0)
+    y = (rng.random((200, 3)) < 0.15).astype(int)
+    y[:, 2] = 0                                                   # a label no validation study has
+    informative = y[:, 0] * 0.5 + rng.random(200) * 0.6           # AUC ~0.9
+    noise = rng.random(200) * 0.1                                 # one sequence that shows nothing
+    cuts = choose_thresholds(y, np.stack([informative, noise, noise], 1))
+    assert 0.3 < cuts[0] < 0.7 and cuts[1] is None and cuts[2] is None
+    # What F1 alone does on noise: a low cut that flags over twice the studies holding the label.
+    assert (noise >= select_threshold(y[:, 1], noise)).mean() > 2 * y[:, 1].mean()
+
+
+def test_a_label_not_called_is_never_positive_and_survives_save_and_the_wire(trained, tmp_path):
+    detector = make_detector(trained)
+    uncalled = detector.labels[0]
+    detector.thresholds[STUDY_KEY][0] = None
+    detector.thresholds["T2"] = [0.0] * len(detector.labels)      # T2 alone: every label called, all positive
+    detector.save(tmp_path / "det")
+    again = Detector.load(tmp_path / "det")
+    study = make_mr_study(77, SEQUENCES, shape=SHAPE).volumes
+    result = again.detect(study)
+    score = next(s for s in result.scores if (s.organ, s.kind) == uncalled)
+    assert score.threshold is None and not score.called and not score.positive
+    assert uncalled not in {(s.organ, s.kind) for s in result.findings}
+    wire = DetectionResult.from_dict(json.loads(json.dumps(result.to_dict())))
+    assert wire.scores == result.scores
+    assert all(s.positive for s in again.detect({"T2": study["T2"]}).scores)
 
 
 def test_save_load_round_trip_and_broken_folders(trained, tmp_path):

@@ -401,8 +401,8 @@ class ChatPanel(QWidget):
         self.scores_table.setRowCount(len(rows))
         right, center = Qt.AlignRight | Qt.AlignVCenter, Qt.AlignCenter
         for index, row in enumerate(rows):
-            cells = (row.organ, row.abnormality, f"{row.probability:.2f}", f"{row.threshold:.2f}",
-                     "yes" if row.above else "")
+            cells = (row.organ, row.abnormality, f"{row.probability:.2f}",
+                     f"{row.threshold:.2f}" if row.called else "not called", "yes" if row.above else "")
             for column, text in enumerate(cells):
                 item = QTableWidgetItem(text)
                 if column >= 2:
@@ -415,7 +415,9 @@ class ChatPanel(QWidget):
         if rows:
             above = sum(row.above for row in rows)
             source = ", ".join(scores.sequences + ([f"model {scores.model}"] if scores.model else []))
-            self.scores_label.setText(f"{above} of {len(rows)} above threshold ({source})")
+            uncalled = sum(not row.called for row in rows)
+            note = f"; {uncalled} not called on these sequences" if uncalled else ""
+            self.scores_label.setText(f"{above} of {len(rows)} above threshold{note} ({source})")
         else:
             self.scores_label.setText("")
 

@@ -8,6 +8,7 @@ refills the volume's existing table instead of adding another, so views showing 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -22,7 +23,8 @@ COLUMNS = (  # name, array type, description shown as the column's tooltip in Sl
     ("organ", vtkStringArray, "Organ the abnormality is scored in"),
     ("abnormality", vtkStringArray, "Kind of abnormality"),
     ("probability", vtkDoubleArray, "Model probability that the abnormality is present (0 to 1)"),
-    ("threshold", vtkDoubleArray, "The detector's operating point for this label and sequence"),
+    ("threshold", vtkDoubleArray, "The detector's operating point for this label and sequence; "
+                                  "empty (NaN): not called on these sequences"),
     ("above threshold", vtkBitArray, "1 when the probability reaches the threshold"),
 )
 
@@ -31,8 +33,12 @@ class ScoreRow(NamedTuple):
     organ: str
     abnormality: str
     probability: float
-    threshold: float
+    threshold: float   # NaN: the detector does not call this label on these sequences
     above: bool
+
+    @property
+    def called(self) -> bool:
+        return not math.isnan(self.threshold)
 
 
 @dataclass
@@ -61,7 +67,7 @@ def write_scores(scene, volume, result, model_name: str):
         table.SetNodeReferenceID(SCORES_ROLE, volume.GetID())
     scores = sorted(result.scores, key=lambda s: -s.probability)
     values = {"organ": [s.organ for s in scores], "abnormality": [s.kind for s in scores],
-              "probability": [s.probability for s in scores], "threshold": [s.threshold for s in scores],
+              "probability": [s.probability for s in scores], "threshold": [math.nan if s.threshold is None else s.threshold for s in scores],
               "above threshold": [int(s.positive) for s in scores]}
     with modifying(table):  # one Modified event: views redraw once, not once per column
         table.RemoveAllColumns()

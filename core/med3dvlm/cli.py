@@ -237,8 +237,9 @@ def cmd_detect(args) -> None:
     print(f"MRI study: {', '.join(result.sequences)} (fusion weights: {weights})")
     print(f"{'abnormality':36s} {'probability':>11s} {'threshold':>9s}")
     for score in result.scores:
-        flag = "  <- positive" if score.positive else ""
-        print(f"{score.label:36s} {score.probability:11.3f} {score.threshold:9.3f}{flag}")
+        cut = f"{score.threshold:9.3f}" if score.called else f"{'-':>9s}"
+        flag = "  <- positive" if score.positive else "" if score.called else "  (not called on these sequences)"
+        print(f"{score.label:36s} {score.probability:11.3f} {cut}{flag}")
 
 
 def cmd_retrieve(args) -> None:

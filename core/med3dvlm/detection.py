@@ -105,13 +105,14 @@ def score_studies(model: MedMAPModel, samples: Sequence[StudySample], sequences:
 class Detector:
     """A MedMAP model + tokenizer + per-label thresholds + preprocessing, ready for ``detect``."""
 
-    def __init__(self, model: MedMAPModel, tokenizer, thresholds: Mapping[str, Sequence[float]],
+    def __init__(self, model: MedMAPModel, tokenizer, thresholds: Mapping[str, Sequence[float | None]],
                  preprocess_config: PreprocessConfig) -> None:
         n = len(model.config.labels)
         if STUDY_KEY not in thresholds or any(len(t) != n for t in thresholds.values()):
             raise ModelError(f"Detector thresholds need a '{STUDY_KEY}' entry and {n} values per entry.")
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.thresholds = {key: [float(v) for v in values] for key, values in thresholds.items()}
+        # None: a label this detector does not call on those sequences (validation showed no usable cut)
+        self.thresholds = {key: [None if v is None else float(v) for v in values] for key, values in thresholds.items()}
         self.preprocess_config = preprocess_config
 
     @property

@@ -12,11 +12,16 @@ class LabelScore:
     organ: str
     kind: str
     probability: float
-    threshold: float
+    threshold: float | None    # None: validation showed no cut that tells this label on these sequences
+
+    @property
+    def called(self) -> bool:
+        """Whether the detector calls this label at all on the sequences it was given."""
+        return self.threshold is not None
 
     @property
     def positive(self) -> bool:
-        return self.probability >= self.threshold
+        return self.called and self.probability >= self.threshold
 
     @property
     def label(self) -> str:
@@ -45,7 +50,7 @@ class DetectionResult:
         raise KeyError(f"No label ({organ!r}, {kind!r}) in this result.")
 
     def rows(self) -> list[dict[str, Any]]:
-        """One row per label for a table view: organ, kind, probability, threshold, positive."""
+        """One row per label for a table view: organ, kind, probability, threshold (None: not called), positive."""
         return [{**asdict(s), "positive": s.positive} for s in self.scores]
 
     # Mapping view {label: probability}, highest first: what the Slicer logic stores and shows.
@@ -65,7 +70,8 @@ class DetectionResult:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DetectionResult:
         """The inverse of :meth:`to_dict` (a model server's answer)."""
-        scores = [LabelScore(r["organ"], r["kind"], float(r["probability"]), float(r["threshold"]))
+        scores = [LabelScore(r["organ"], r["kind"], float(r["probability"]),
+                             None if r["threshold"] is None else float(r["threshold"]))
                   for r in data["scores"]]
         return cls(scores, tuple(data["sequences"]), {k: float(v) for k, v in data["sequence_weights"].items()},
                    dict(data.get("sources", {})), data.get("modality", "MR"))

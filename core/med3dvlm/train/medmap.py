@@ -271,9 +271,18 @@ def calibrate(model: MedMAPModel, samples: Sequence[StudySample], steps: int = 3
 
 
 # ---- evaluation ---------------------------------------------------------------------------
-def choose_thresholds(y: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """Per-label F1-optimal thresholds on validation data; 0.5 where a label has no positive there."""
-    return np.array([select_threshold(y[:, c], p[:, c], "f1") if y[:, c].any() else 0.5 for c in range(y.shape[1])])
+MIN_CALL_AUC = 0.6  # below it a label's validation scores barely rank its studies: F1 would pick a cut near 0
+
+
+def choose_thresholds(y: np.ndarray, p: np.ndarray) -> list[float | None]:
+    """Per-label F1-optimal thresholds on validation data; None (the label is not called) where the
+    validation studies lack a class or its scores do not separate them (AUC below ``MIN_CALL_AUC``).
+
+    On uninformative scores every cut has precision ~ prevalence, so F1 rises with recall and picks a
+    low cut: a detector reading one MRI sequence then flagged half its labels.
+    """
+    aucs = per_class_auc(y, p)
+    return [select_threshold(y[:, c], p[:, c], "f1") if aucs[c] >= MIN_CALL_AUC else None for c in range(y.shape[1])]
 
 
 def subset_thresholds(model: MedMAPModel, val: Sequence[StudySample],
@@ -287,7 +296,7 @@ def subset_thresholds(model: MedMAPModel, val: Sequence[StudySample],
         chosen = with_sequences(val, sequences)
         if chosen:
             y = torch.stack([s.labels for s in chosen]).numpy()
-            out[key] = choose_thresholds(y, score_studies(model, chosen, sequences, zero_shot)).tolist()
+            out[key] = choose_thresholds(y, score_studies(model, chosen, sequences, zero_shot))
     return out
 
 
@@ -304,7 +313,7 @@ def evaluate(model: MedMAPModel, val: Sequence[StudySample], test: Sequence[Stud
         y_test = torch.stack([s.labels for s in chosen]).numpy()
         p = score_studies(model, chosen, sequences, zero_shot)
         aucs = per_class_auc(y_test, p)
-        cuts = np.asarray(thresholds[key])
+        cuts = np.array([np.inf if t is None else t for t in thresholds[key]])  # a label not called is never positive
         results[key] = {"macro_auc": float(np.nanmean(aucs)),
                         "macro_f1": f1_score(y_test, (p >= cuts).astype(int), average="macro"),
                         "thresholds": thresholds[key],
