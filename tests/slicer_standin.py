@@ -24,7 +24,7 @@ class StandInPipeline:
     weights = None  # no weight files: no digest
 
     def __init__(self, model_name: str = "stand-in", token_delay: float = 0.002, report_words: int = 24,
-                 scores: dict[tuple[str, str], float] | None = None, spin: bool = False,
+                 scores: dict[tuple[str, str], float | list] | None = None, spin: bool = False,
                  die_after: int | None = None) -> None:
         self.model_name = model_name
         self.die_after = die_after  # tokens after which the process dies, as a crashing server would
@@ -65,13 +65,15 @@ class StandInPipeline:
         return self._stream(words, on_token, cancel, gen)
 
     def detect(self, volume) -> DetectionResult:
-        """``scores`` {(organ, kind): probability} as the real detector reports them, threshold 0.5."""
+        """``scores`` {(organ, kind): probability, or [probability, threshold]} as the real detector
+        reports them; the threshold is 0.5 unless given (None: a label not called on this sequence)."""
         if self.scores is None:  # as the real pipeline of a model without a detector
             raise ModelError(f"Model {self.model_name} has no MRI abnormality detector; detection needs a "
                              "'medmap' subfolder with a MedMAP detector.")
         if volume.sequence is None:  # as the real detector: only MRI of a known sequence
             raise VolumeError(f"{volume.name} is not an MRI volume of a known sequence; detection needs MRI.")
-        scores = sorted((LabelScore(organ, kind, p, 0.5) for (organ, kind), p in self.scores.items()),
+        scores = sorted((LabelScore(organ, kind, *(p if isinstance(p, list | tuple) else (p, 0.5)))
+                         for (organ, kind), p in self.scores.items()),
                         key=lambda s: -s.probability)
         return DetectionResult(scores, (volume.sequence,), {volume.sequence: 1.0}, {volume.sequence: volume.name})
 

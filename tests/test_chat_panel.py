@@ -238,6 +238,26 @@ def test_detect_button_shows_sorted_scores_for_mri_volumes(qtbot, scene, make_vo
     assert logic.shutdown(timeout=5)
 
 
+def test_a_label_the_detector_does_not_call_on_the_sequence_says_so(qtbot, scene, make_volume, tmp_path):
+    mr = make_volume(np.arange(120, dtype=np.int16).reshape(6, 5, 4), name="MR T2 abdomen")
+    scores = {("spleen", "mass"): 0.91, ("right lung", "calcification"): [0.97, None], ("liver", "cyst"): 0.12}
+    store = QSettings(str(tmp_path / "settings.ini"), QSettings.IniFormat)
+    logic = Med3DVLMLogic(scene, server_command=standin_command(scores=scores), store=store)
+    panel = ChatPanel()
+    qtbot.addWidget(panel)
+    ChatController(panel, logic)
+    panel.volume_selector.setCurrentIndex(panel.volume_selector.findData(mr.GetID()))
+    qtbot.mouseClick(panel.detect_button, Qt.LeftButton)
+    wait_idle(qtbot, logic)
+    # a high probability the detector cannot call on T2 alone is shown, and not as a finding
+    assert shown_scores(panel) == [("right lung", "calcification", "0.97", "not called", ""),
+                                   ("spleen", "mass", "0.91", "0.50", "yes"), ("liver", "cyst", "0.12", "0.50", "")]
+    assert panel.scores_label.text() == "1 of 3 above threshold; 1 not called on these sequences (T2, model demo)"
+    assert logic.abnormality_scores(mr).rows[0].called is False  # kept so in the scene's table (NaN threshold)
+    assert logic.shutdown(timeout=5)
+
+
+
 def test_a_server_that_dies_mid_answer_shows_a_sentence_and_restart(qtbot, scene, make_volume, tmp_path):
     volume = make_volume(np.arange(6 * 5 * 4, dtype=np.int16).reshape(6, 5, 4), name="CT abdomen")
     store = QSettings(str(tmp_path / "settings.ini"), QSettings.IniFormat)
