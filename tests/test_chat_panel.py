@@ -254,6 +254,7 @@ def test_a_label_the_detector_does_not_call_on_the_sequence_says_so(qtbot, scene
                                    ("spleen", "mass", "0.91", "0.50", "yes"), ("liver", "cyst", "0.12", "0.50", "")]
     assert panel.scores_label.text() == "1 of 3 above threshold; 1 not called on these sequences (T2, model demo)"
     assert logic.abnormality_scores(mr).rows[0].called is False  # kept so in the scene's table (NaN threshold)
+    assert "calcification in the right lung: 0.97 (not called on these sequences)" in view_text(panel)
     assert logic.shutdown(timeout=5)
 
 

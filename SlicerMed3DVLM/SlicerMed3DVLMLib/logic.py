@@ -90,7 +90,8 @@ def _write_scores(scene, request: "_Request", final: dict) -> str:
         text_nodes.set_provenance(table, final.get("provenance"))
         text_nodes.set_framing(table, request.asked.region, None)  # the scores' evidence is of the same box
     request.result.scores = dict(scores)
-    return "\n".join(f"{name}: {score:.2f}" for name, score in request.result.scores.items())
+    return "\n".join(f"{s.label}: {s.probability:.2f}" + ("" if s.called else " (not called on these sequences)")
+                     for s in scores.scores)
 
 
 def _add_evidence(scene, request: "_Request", final: dict) -> str:
