@@ -27,7 +27,7 @@ from typing import Any
 
 from med3dvlm.client import tasks
 from med3dvlm.client.transport import Server
-from med3dvlm.detection_result import DetectionResult
+from med3dvlm.detection_result import NOT_CALLED, DetectionResult
 from med3dvlm.errors import Med3DVLMError
 
 from . import evidence_nodes, score_table, text_nodes
@@ -90,8 +90,7 @@ def _write_scores(scene, request: "_Request", final: dict) -> str:
         text_nodes.set_provenance(table, final.get("provenance"))
         text_nodes.set_framing(table, request.asked.region, None)  # the scores' evidence is of the same box
     request.result.scores = dict(scores)
-    return "\n".join(f"{s.label}: {s.probability:.2f}" + ("" if s.called else " (not called on these sequences)")
-                     for s in scores.scores)
+    return "\n".join(f"{s.label}: {s.probability:.2f}" + ("" if s.called else f" ({NOT_CALLED})") for s in scores.scores)
 
 
 def _add_evidence(scene, request: "_Request", final: dict) -> str:

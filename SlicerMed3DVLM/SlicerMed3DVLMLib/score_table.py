@@ -67,7 +67,8 @@ def write_scores(scene, volume, result, model_name: str):
         table.SetNodeReferenceID(SCORES_ROLE, volume.GetID())
     scores = sorted(result.scores, key=lambda s: -s.probability)
     values = {"organ": [s.organ for s in scores], "abnormality": [s.kind for s in scores],
-              "probability": [s.probability for s in scores], "threshold": [math.nan if s.threshold is None else s.threshold for s in scores],
+              "probability": [s.probability for s in scores],
+              "threshold": [math.nan if s.threshold is None else s.threshold for s in scores],
               "above threshold": [int(s.positive) for s in scores]}
     with modifying(table):  # one Modified event: views redraw once, not once per column
         table.RemoveAllColumns()

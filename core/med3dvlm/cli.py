@@ -218,6 +218,7 @@ def cmd_chat(args) -> None:
 
 
 def cmd_detect(args) -> None:
+    from .detection_result import NOT_CALLED
     from .readers import read_volume
 
     framing = _framing(args)
@@ -238,7 +239,7 @@ def cmd_detect(args) -> None:
     print(f"{'abnormality':36s} {'probability':>11s} {'threshold':>9s}")
     for score in result.scores:
         cut = f"{score.threshold:9.3f}" if score.called else f"{'-':>9s}"
-        flag = "  <- positive" if score.positive else "" if score.called else "  (not called on these sequences)"
+        flag = "  <- positive" if score.positive else "" if score.called else f"  ({NOT_CALLED})"
         print(f"{score.label:36s} {score.probability:11.3f} {cut}{flag}")
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+NOT_CALLED = "not called on these sequences"  # how every front end names a label without a threshold
+
 
 @dataclass(frozen=True)
 class LabelScore:
