@@ -42,7 +42,6 @@ def count_encoder_calls(pipe):
     return calls, handle
 
 
-@NOT_YET_ACCURATE
 def test_report_on_sample_names_its_findings(pipe):
     report = pipe.report(SAMPLE)
     truth = {(f["organ"], f["kind"]) for f in
