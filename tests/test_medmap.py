@@ -211,6 +211,19 @@ def test_thresholds_only_where_validation_scores_separate_the_studies():
     assert (noise >= select_threshold(y[:, 1], noise)).mean() > 2 * y[:, 1].mean()
 
 
+def test_no_threshold_that_flags_most_studies_without_the_label():
+    """Scores ~0 with or without the label (a segmenter that misses the kind) still rank the studies
+    (AUC ~0.9), but F1's cut sits near 0 and flags most studies: the label is not called."""
+    rng = np.random.default_rng(1)
+    y = (rng.random((200, 2)) < 0.3).astype(int)
+    missed = np.where(y[:, 0] == 1, rng.uniform(2e-4, 1e-3, 200), rng.uniform(0, 1e-3, 200))
+    seen = y[:, 1] * 0.5 + rng.random(200) * 0.6
+    cut = select_threshold(y[:, 0], missed)
+    assert cut < 5e-4 and (missed[y[:, 0] == 0] >= cut).mean() > 0.5   # what F1 alone would call
+    cuts = choose_thresholds(y, np.stack([missed, seen], 1))
+    assert cuts[0] is None and 0.3 < cuts[1] < 0.7
+
+
 def test_a_label_not_called_is_never_positive_and_survives_save_and_the_wire(trained, tmp_path):
     detector = make_detector(trained)
     uncalled = detector.labels[0]
