@@ -211,17 +211,20 @@ def test_thresholds_only_where_validation_scores_separate_the_studies():
     assert (noise >= select_threshold(y[:, 1], noise)).mean() > 2 * y[:, 1].mean()
 
 
-def test_no_threshold_that_flags_most_studies_without_the_label():
+def test_no_threshold_that_flags_most_studies_without_the_label_or_sits_near_zero():
     """Scores ~0 with or without the label (a segmenter that misses the kind) still rank the studies
-    (AUC ~0.9), but F1's cut sits near 0 and flags most studies: the label is not called."""
+    (AUC > 0.8), but F1's cut sits near 0: where it flags most studies without the label, and where
+    it calls a finding the detector gives under 1 %, the label is not called."""
     rng = np.random.default_rng(1)
-    y = (rng.random((200, 2)) < 0.3).astype(int)
-    missed = np.where(y[:, 0] == 1, rng.uniform(2e-4, 1e-3, 200), rng.uniform(0, 1e-3, 200))
-    seen = y[:, 1] * 0.5 + rng.random(200) * 0.6
-    cut = select_threshold(y[:, 0], missed)
-    assert cut < 5e-4 and (missed[y[:, 0] == 0] >= cut).mean() > 0.5   # what F1 alone would call
-    cuts = choose_thresholds(y, np.stack([missed, seen], 1))
-    assert cuts[0] is None and 0.3 < cuts[1] < 0.7
+    y = (rng.random((200, 3)) < 0.3).astype(int)
+    flags_most = np.where(y[:, 0] == 1, rng.uniform(0.2, 1, 200), rng.uniform(0, 1, 200)) * 1e-3
+    near_zero = np.where(y[:, 1] == 1, rng.uniform(0.3, 0.8, 200), rng.uniform(0, 0.4, 200)) * 1e-2
+    seen = y[:, 2] * 0.5 + rng.random(200) * 0.6
+    for c, scores in enumerate([flags_most, near_zero]):   # what F1 alone would call
+        cut = select_threshold(y[:, c], scores)
+        assert cut < 0.01 and ((scores[y[:, c] == 0] >= cut).mean() > 0.5) == (c == 0)
+    cuts = choose_thresholds(y, np.stack([flags_most, near_zero, seen], 1))
+    assert cuts[0] is None and cuts[1] is None and 0.3 < cuts[2] < 0.7
 
 
 def test_a_label_not_called_is_never_positive_and_survives_save_and_the_wire(trained, tmp_path):

@@ -273,21 +273,22 @@ def calibrate(model: MedMAPModel, samples: Sequence[StudySample], steps: int = 3
 # ---- evaluation ---------------------------------------------------------------------------
 MIN_CALL_AUC = 0.6  # below it a label's validation scores barely rank its studies: F1 would pick a cut near 0
 MAX_FALSE_SHARE = 0.5  # a cut that flags more of the validation studies without the label calls noise
+MIN_CUT = 0.01  # a finding the detector gives under 1 % is not one it can call
 
 
 def choose_thresholds(y: np.ndarray, p: np.ndarray) -> list[float | None]:
     """Per-label F1-optimal thresholds on validation data; None (the label is not called) where the
-    validation studies lack a class, its scores do not separate them (AUC below ``MIN_CALL_AUC``) or
-    the cut flags more than ``MAX_FALSE_SHARE`` of the studies without it.
+    validation studies lack a class, its scores do not separate them (AUC below ``MIN_CALL_AUC``),
+    the cut flags more than ``MAX_FALSE_SHARE`` of the studies without it or lies below ``MIN_CUT``.
 
     On uninformative scores every cut has precision ~ prevalence, so F1 rises with recall and picks a
     low cut: a detector reading one MRI sequence then flagged half its labels. Where a segmenter
-    misses a kind, its studies score ~0 with the label or without it, and F1 chose a cut of 0.000
-    that flagged every study (a T2 sample's haemorrhage "found" at p = 0.000, December 2026).
+    misses a kind, its studies score ~0 with the label or without it, and F1 chose cuts of 0.000:
+    a T2 sample's haemorrhage was "found" at p = 0.000 (December 2026).
     """
     aucs = per_class_auc(y, p)
     cuts = [select_threshold(y[:, c], p[:, c], "f1") if aucs[c] >= MIN_CALL_AUC else None for c in range(y.shape[1])]
-    return [None if cut is None or (p[y[:, c] == 0, c] >= cut).mean() > MAX_FALSE_SHARE else cut
+    return [None if cut is None or cut < MIN_CUT or (p[y[:, c] == 0, c] >= cut).mean() > MAX_FALSE_SHARE else cut
             for c, cut in enumerate(cuts)]
 
 
