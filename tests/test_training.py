@@ -3,12 +3,14 @@
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import med3dvlm
 from med3dvlm.cli import main
@@ -65,6 +67,15 @@ def test_gpu_script_dry_run_builds_a_loadable_demo_and_python_resumes_it(tmp_pat
     assert [row["steps"] for row in again["segmenter_curve"]] == [3, 6]
     assert again["resumed_from"] == str(tmp_path / "model")
     assert (tmp_path / "model-2" / "tokenizer.json").read_text() == (tmp_path / "model" / "tokenizer.json").read_text()
+
+    # a build stopped after the curve was copied but before a round: the rerun starts from the model's segmenter
+    (tmp_path / "work-3" / "segmenter").mkdir(parents=True)
+    shutil.copy(tmp_path / "work-2" / "segmenter" / "curve.json", tmp_path / "work-3" / "segmenter")
+    train_demo(tmp_path / "model-3", tmp_path / "work-3", tiny_recipe(segmenter={**tiny_recipe().segmenter, "rounds": 0}),
+               progress=False, resume=tmp_path / "model-2")
+    shipped, rebuilt = (load_file(str(tmp_path / m / "model.safetensors")) for m in ("model-2", "model-3"))
+    evidence = [k for k in shipped if k.startswith("vision_tower.evidence.")]
+    assert evidence and all(torch.equal(shipped[k], rebuilt[k]) for k in evidence)
 
 
 def test_pixel_cache_survives_a_moved_work_folder_and_fills_only_what_it_lacks(ct_dataset, tmp_path):

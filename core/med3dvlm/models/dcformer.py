@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from med3dvlm.errors import ModelError
-from med3dvlm.models.findings import N_EVIDENCE, FindingSegmenter, pair_probabilities, token_evidence
+from med3dvlm.models.findings import N_EVIDENCE, FindingSegmenter, token_evidence
 
 STEM_KERNEL, STEM_STRIDE, STEM_DEPTH, STEM_INNER_KERNEL = 7, 4, 4, 3
 MLP_RATIO = 4
@@ -49,7 +49,7 @@ class DCFormerConfig:
 
     ``evidence`` (not in the released models): a ``FindingSegmenter`` runs beside the encoder and
     each token of the two deepest stages gains ``N_EVIDENCE`` channels, the largest organ x kind
-    probabilities inside its cell (``models.findings``).
+    probabilities inside its cell and where each pair lies in its organ (``models.findings``).
     """
 
     variant: str = "small"
@@ -204,9 +204,9 @@ class DCFormer(nn.Module):
             x = stage(x)
             maps.append(x.permute(0, 1, 4, 2, 3))  # back to (B, C, D, H, W); a view, no copy
         if self.config.evidence:
-            pairs = pair_probabilities(self.evidence(pixels))
+            logits = self.evidence(pixels)
             for s in (3, 4):
-                maps[s] = torch.cat([maps[s], token_evidence(pairs, maps[s].shape[2:]).to(maps[s].dtype)], 1)
+                maps[s] = torch.cat([maps[s], token_evidence(logits, maps[s].shape[2:]).to(maps[s].dtype)], 1)
         return maps
 
 

@@ -5,8 +5,9 @@ U-Net trained on small lesion-centred crops learns every kind in minutes (``trai
 So a demo tower can carry a ``FindingSegmenter`` next to its DCFormer: per voxel it predicts the
 finding kind (background + ``ABNORMALITIES``) and the organ (other + ``LABELS``), their product
 gives a probability per organ x kind pair (``PAIRS``), and each image token receives the largest
-pair probabilities inside its own cell (``token_evidence``). The language model then reads, per
-token, what lies there, which a linear read-out of the tokens can check (the probe gate).
+pair probabilities inside its own cell and where each pair lies inside its organ (``token_evidence``).
+The language model then reads, per token, what lies there, which a linear read-out of the tokens can
+check (the probe gate).
 
 The network is fully convolutional with BatchNorm, so a 16 x 32 x 32 crop and a whole volume are
 normalised alike; three coordinate channels (position in the whole model input, -1..1) let a crop
@@ -31,7 +32,8 @@ from ..data.lesions import ABNORMALITIES, PAIRS
 
 N_KINDS = 1 + len(ABNORMALITIES)    # background + the five kinds
 N_ORGANS = 1 + len(LABELS)          # other + the labelled structures
-N_EVIDENCE = len(PAIRS)             # channels added to each image token
+N_AXES = 3                          # a pair's place in its organ, along D, H and W
+N_EVIDENCE = len(PAIRS) * (1 + N_AXES)  # channels added to each image token: probability, place
 STEM_STRIDE = (1, 2, 2)             # default: the maps come out at (D, H/2, W/2)
 # Row of PAIRS -> (kind channel, organ channel) of the segmenter's outputs.
 _PAIR_KIND = [1 + ABNORMALITIES.index(kind) for _, kind in PAIRS]
@@ -101,6 +103,41 @@ def pair_probabilities(logits: Tensor) -> Tensor:
     return kinds[:, _PAIR_KIND] * organs[:, _PAIR_ORGAN]
 
 
-def token_evidence(pairs: Tensor, grid: Sequence[int]) -> Tensor:
-    """(B, P, d, h, w) pair probabilities -> (B, P, *grid): the largest inside each token's cell."""
-    return F.adaptive_max_pool3d(pairs, tuple(grid))
+def pair_places(logits: Tensor) -> Tensor:
+    """Segmenter logits -> (B, len(PAIRS), N_AXES): where each pair's likeliest voxels (those above
+    half its peak) lie in its organ, along (D, H, W), from the organ's centre in units that put the
+    organ's ends near -1 and 1 (sqrt(3) standard deviations of its probability mass), times the
+    pair's peak probability.
+
+    Weighted by the peak, a pair the segmenter does not see is at 0: unweighted, the places of the
+    23 pairs, most of them where noise peaks, told the 1,000 training volumes apart, and the
+    projector fitted the oracle layout of each (alignment MSE 0.0004, against 0.003 without places)
+    while report recall on unseen phantoms fell from 0.62 to 0.57 (December 2026).
+
+    A report's locations are places in an organ ("upper pole", "dome", "lingula"). The deepest
+    tokens' cells span the whole depth (a 1 x 4 x 4 and a 1 x 2 x 2 grid at the demo's input), so
+    without these channels the poles and the dome cannot be told apart (location accuracy at
+    chance, 0.33-0.37, on gate phantoms in December 2026).
+    """
+    pairs = pair_probabilities(logits)
+    organs = logits[:, N_KINDS:].softmax(1)[:, _PAIR_ORGAN]
+    coords = coordinate_grid(logits.shape[2:], logits.device).to(logits.dtype)
+    peak = pairs.amax((2, 3, 4), keepdim=True)
+    lesion = _weighted_mean((pairs - peak / 2).clamp(min=0), coords)
+    centre = _weighted_mean(organs, coords)
+    spread = (_weighted_mean(organs, coords ** 2) - centre ** 2).clamp(min=0).sqrt()
+    return ((lesion - centre) / (3 ** 0.5 * spread + 1e-3)).clamp(-2, 2) * peak[..., 0, 0]
+
+
+def _weighted_mean(weights: Tensor, coords: Tensor) -> Tensor:
+    """(B, P, d, h, w) weights, (A, d, h, w) coordinates -> (B, P, A) weighted mean coordinates."""
+    total = weights.sum((2, 3, 4))[..., None].clamp(min=1e-6)
+    return torch.einsum("bpdhw,adhw->bpa", weights, coords) / total
+
+
+def token_evidence(logits: Tensor, grid: Sequence[int]) -> Tensor:
+    """Segmenter logits -> (B, N_EVIDENCE, *grid): each pair's largest probability inside each
+    token's cell, then its place in its organ (``pair_places``, pair by pair) on every token."""
+    cells = F.adaptive_max_pool3d(pair_probabilities(logits), tuple(grid))
+    places = pair_places(logits).flatten(1)[..., None, None, None].expand(-1, -1, *cells.shape[2:])
+    return torch.cat([cells, places], 1)

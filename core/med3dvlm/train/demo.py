@@ -44,7 +44,7 @@ from ..data.phantoms import GENERATOR_VERSION
 from ..data.reports import write_report
 from ..errors import Med3DVLMError
 from ..eval.probe import probe_auc, token_features
-from ..loading import SIGLIP_FOLDER, load_siglip, save_bundle, save_siglip
+from ..loading import SIGLIP_FOLDER, save_bundle, save_siglip
 from ..models.dcformer import DCFormerConfig
 from ..models.findings import FindingSegmenter
 from ..models.text import TextConfig
@@ -53,7 +53,7 @@ from ..tokenizer import train_tokenizer
 from .checkpoint import CHECKPOINT_DIR
 from .config import TrainConfig
 from .dense import labels_present, tower_phantoms
-from .evidence_tower import refit_retrieval, with_evidence
+from .evidence_tower import refit_retrieval, towers_without_evidence, with_evidence
 from .examples import caption_examples, vqa_examples
 from .lesion_crops import segmenter_phantoms, train_segmenter
 from .oracle import LanguageGate, case_features, language_gate, oracle_features
@@ -89,9 +89,10 @@ class DemoRecipe:
     high_output_size: tuple[int, int] = (8, 16)
     siglip: dict = field(default_factory=lambda: {"epochs": 18, "batch_size": 16, "lr": 3e-3,
                                                   "weight_decay": 0.05, "warmup_steps": 50})
+    # Constant-rate rounds, then a decayed copy for the tower (``lesion_crops._decayed``).
     segmenter: dict = field(default_factory=lambda: {"rounds": 6, "steps_per_round": 250, "batch_size": 16,
                                                      "lr": 3e-3, "schedule": "constant", "grad_clip": None,
-                                                     "log_every": 50})
+                                                     "log_every": 50, "decay_steps": 750})
     retrieval: dict = field(default_factory=lambda: {"epochs": 30, "batch_size": 64, "lr": 3e-3, "warmup_steps": 20})
     oracle_truths: int = 20000        # truths without volumes the oracle stage learns from as well
     truth_reports: int = 3            # reports per truth: one is 1 example in 13, too few to learn their grammar
@@ -258,7 +259,7 @@ def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | N
     train_images = sorted({str(c.image_path) for c in caps})
     lap("preprocessing")
     if resume:
-        siglip = load_siglip(Path(resume) / SIGLIP_FOLDER)
+        siglip = towers_without_evidence(Path(resume) / SIGLIP_FOLDER)
     else:
         siglip = _dcformer_stage(recipe, work, tokenizer, vision, progress)
     lap("dcformer")
@@ -366,18 +367,21 @@ def _segmenter_stage(recipe: DemoRecipe, work: Path, resume, progress: bool, log
                                   None, config, recipe.workers)
     segmenter = FindingSegmenter()
     folder = work / "segmenter"
-    if resume and not (folder / "curve.json").is_file():
+    # Until the run has a checkpoint of its own (a build stopped before its first round has the
+    # curve alone), it starts from the resumed model's weights.
+    if resume and not (folder / CHECKPOINT_DIR).is_dir():
         shipped = _stored(Path(resume) / WEIGHTS_NAME, "vision_tower.evidence.")
         if shipped:
             segmenter.load_state_dict(shipped)
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "curve.json").write_text(json.dumps(json.loads((Path(resume) / "recipe.json").read_text())
-                                                          ["segmenter_curve"], indent=1) + "\n")
+            if not (folder / "curve.json").is_file():
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / "curve.json").write_text(json.dumps(json.loads((Path(resume) / "recipe.json").read_text())
+                                                              ["segmenter_curve"], indent=1) + "\n")
     options = dict(recipe.segmenter)
-    rounds, steps = options.pop("rounds"), options.pop("steps_per_round")
+    rounds, steps, decay = options.pop("rounds"), options.pop("steps_per_round"), options.pop("decay_steps", 0)
     curve = train_segmenter(segmenter, examples, held_out,
                             _train_config(recipe, folder, progress, {**options, "resume": True}),
-                            rounds, steps, log)
+                            rounds, steps, log, decay_steps=decay)
     return segmenter.eval(), curve
 
 

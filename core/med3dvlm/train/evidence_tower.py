@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
+from ..checkpoints import WEIGHTS_NAME, read_config
+from ..models.dcformer import DCFormerConfig
 from ..models.findings import FindingSegmenter
 from ..models.siglip import SigLIPModel, sigmoid_loss
-from ..models.text import encode_text_tokens
+from ..models.text import TextConfig, encode_text_tokens
 from .config import TrainConfig
 from .trainer import TrainResult, train
 
@@ -33,6 +37,21 @@ def with_evidence(siglip: SigLIPModel, segmenter: FindingSegmenter) -> SigLIPMod
     joined.vision_encoder.evidence.load_state_dict(segmenter.state_dict())
     joined.max_text_length = siglip.max_text_length
     return joined.eval()
+
+
+def towers_without_evidence(folder: str | Path) -> SigLIPModel:
+    """The DCFormer and text tower of a demo bundle's ``siglip/`` folder, without the finding evidence
+    and the image projection that ``with_evidence`` replaces: a bundle built with other evidence
+    channels still resumes."""
+    config = read_config(folder)
+    siglip = SigLIPModel(DCFormerConfig(**{**config["vision"], "evidence": False}), TextConfig(**config["text"]),
+                         int(config["embed_dim"]))
+    state = {k: v for k, v in load_file(str(Path(folder) / WEIGHTS_NAME)).items()
+             if not k.startswith(("vision_encoder.evidence.", "mm_vision_proj."))}
+    missing, unexpected = siglip.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith("mm_vision_proj.") for k in missing)
+    siglip.max_text_length = int(config["max_text_length"])
+    return siglip
 
 
 def refit_retrieval(siglip: SigLIPModel, pooled: dict[str, torch.Tensor], pairs: Sequence[tuple[str, str]],
