@@ -140,3 +140,12 @@ def test_demo_build_stops_at_the_language_gate_before_any_tower_is_trained(tmp_p
         train_demo(tmp_path / "model", tmp_path / "work", recipe, progress=False)
     assert not (tmp_path / "model").exists()
     assert not (tmp_path / "work" / "segmenter").exists() and not (tmp_path / "work" / "siglip").exists()
+
+
+def test_resume_from_a_folder_without_demo_towers_says_so():
+    from med3dvlm.errors import Med3DVLMError
+    from med3dvlm.train.evidence_tower import towers_without_evidence
+
+    with pytest.raises(Med3DVLMError, match="resume from a folder written by med3dvlm train demo"):
+        towers_without_evidence(ROOT / "resources" / "models" / "demo")     # the VLM's folder, not its siglip/
+    assert towers_without_evidence(ROOT / "resources" / "models" / "demo" / "siglip").max_text_length > 0

@@ -204,9 +204,9 @@ class DCFormer(nn.Module):
             x = stage(x)
             maps.append(x.permute(0, 1, 4, 2, 3))  # back to (B, C, D, H, W); a view, no copy
         if self.config.evidence:
-            logits = self.evidence(pixels)
-            for s in (3, 4):
-                maps[s] = torch.cat([maps[s], token_evidence(logits, maps[s].shape[2:]).to(maps[s].dtype)], 1)
+            evidence = token_evidence(self.evidence(pixels), [maps[s].shape[2:] for s in (3, 4)])
+            for s, channels in zip((3, 4), evidence):
+                maps[s] = torch.cat([maps[s], channels.to(maps[s].dtype)], 1)
         return maps
 
 

@@ -119,7 +119,11 @@ def pair_places(logits: Tensor) -> Tensor:
     without these channels the poles and the dome cannot be told apart (location accuracy at
     chance, 0.33-0.37, on gate phantoms in December 2026).
     """
-    pairs = pair_probabilities(logits)
+    return _places(logits, pair_probabilities(logits))
+
+
+def _places(logits: Tensor, pairs: Tensor) -> Tensor:
+    """``pair_places`` given the pair probabilities of ``logits``."""
     organs = logits[:, N_KINDS:].softmax(1)[:, _PAIR_ORGAN]
     coords = coordinate_grid(logits.shape[2:], logits.device).to(logits.dtype)
     peak = pairs.amax((2, 3, 4), keepdim=True)
@@ -135,9 +139,14 @@ def _weighted_mean(weights: Tensor, coords: Tensor) -> Tensor:
     return torch.einsum("bpdhw,adhw->bpa", weights, coords) / total
 
 
-def token_evidence(logits: Tensor, grid: Sequence[int]) -> Tensor:
-    """Segmenter logits -> (B, N_EVIDENCE, *grid): each pair's largest probability inside each
-    token's cell, then its place in its organ (``pair_places``, pair by pair) on every token."""
-    cells = F.adaptive_max_pool3d(pair_probabilities(logits), tuple(grid))
-    places = pair_places(logits).flatten(1)[..., None, None, None].expand(-1, -1, *cells.shape[2:])
-    return torch.cat([cells, places], 1)
+def token_evidence(logits: Tensor, grids: Sequence[Sequence[int]]) -> list[Tensor]:
+    """Segmenter logits -> per token grid, (B, N_EVIDENCE, *grid): each pair's largest probability
+    inside each token's cell, then its place in its organ (``pair_places``, pair by pair) on every
+    token. The pairs and their places are computed once for all grids."""
+    pairs = pair_probabilities(logits)
+    places = _places(logits, pairs).flatten(1)[..., None, None, None]
+    out = []
+    for grid in grids:
+        cells = F.adaptive_max_pool3d(pairs, tuple(grid))
+        out.append(torch.cat([cells, places.expand(-1, -1, *cells.shape[2:])], 1))
+    return out

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from ..checkpoints import WEIGHTS_NAME, read_config
+from ..errors import Med3DVLMError
 from ..models.dcformer import DCFormerConfig
 from ..models.findings import FindingSegmenter
 from ..models.siglip import SigLIPModel, sigmoid_loss
@@ -44,12 +45,18 @@ def towers_without_evidence(folder: str | Path) -> SigLIPModel:
     and the image projection that ``with_evidence`` replaces: a bundle built with other evidence
     channels still resumes."""
     config = read_config(folder)
-    siglip = SigLIPModel(DCFormerConfig(**{**config["vision"], "evidence": False}), TextConfig(**config["text"]),
-                         int(config["embed_dim"]))
-    state = {k: v for k, v in load_file(str(Path(folder) / WEIGHTS_NAME)).items()
-             if not k.startswith(("vision_encoder.evidence.", "mm_vision_proj."))}
-    missing, unexpected = siglip.load_state_dict(state, strict=False)
-    assert not unexpected and all(k.startswith("mm_vision_proj.") for k in missing)
+    try:
+        siglip = SigLIPModel(DCFormerConfig(**{**config["vision"], "evidence": False}), TextConfig(**config["text"]),
+                             int(config["embed_dim"]))
+        state = {k: v for k, v in load_file(str(Path(folder) / WEIGHTS_NAME)).items()
+                 if not k.startswith(("vision_encoder.evidence.", "mm_vision_proj."))}
+        missing, unexpected = siglip.load_state_dict(state, strict=False)
+        wrong = unexpected + [k for k in missing if not k.startswith("mm_vision_proj.")]
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        wrong = [str(error)]
+    if wrong:
+        raise Med3DVLMError(f"{folder} does not hold the retrieval towers of a demo model ({wrong[0]}); resume "
+                            f"from a folder written by med3dvlm train demo.")
     siglip.max_text_length = int(config["max_text_length"])
     return siglip
 
