@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from med3dvlm.cli import main
 from med3dvlm.readers import write_volume
@@ -59,8 +60,15 @@ def test_phantom_evaluation_json_says_what_produced_it(ct_dataset, tmp_path):
     out = tmp_path / "eval.json"
     assert main(["evaluate", "--data", str(ct_dataset), "-n", "2", "--json", str(out), "--device", "cpu",
                  "--probe-fit", "0", "--work", str(tmp_path)]) == 0
-    made = json.loads(out.read_text())["provenance"]
+    results = json.loads(out.read_text())
+    made = results["provenance"]
     assert made["task"] == "evaluate" and made["model"] == "demo" and made["seconds"] > 0
+    # the per-question accuracies add up to the overall one, and name no organ
+    by_question = results["closed_vqa_by_question"]
+    assert sum(q["n"] for q in by_question.values()) == results["closed_vqa_questions"]
+    assert sum(q["n"] * q["accuracy"] for q in by_question.values()) == pytest.approx(
+        results["closed_vqa_accuracy"] * results["closed_vqa_questions"], abs=0.01)
+    assert not any(organ in template for template in by_question for organ in ("liver", "spleen", "left kidney"))
 
 
 def test_evaluation_refuses_to_fit_the_probe_on_the_phantoms_it_scores(capsys, tmp_path):

@@ -323,7 +323,11 @@ def cmd_evaluate(args) -> None:
                              "generation": {"reports": asdict(REPORT_SETTINGS), "closed_vqa": "most likely choice"}}
     example = results.pop("example_report")
     for key, value in results.items():
-        if key != "provenance":
+        if key == "closed_vqa_by_question":
+            print(key)
+            for template, score in value.items():
+                print(f"  {template:58s} {score['accuracy']:.3f} of {score['n']}")
+        elif key != "provenance":
             print(f"{key:32s} {value:.4f}" if isinstance(value, float) else f"{key:32s} {value}")
     print(f"\nexample report:\n{example}")
     if args.json:

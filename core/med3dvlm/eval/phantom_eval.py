@@ -1,6 +1,7 @@
 """Accuracy of a model on phantoms it never saw: closed VQA, retrieval, and report findings.
 
-- closed VQA: share of closed (A-D) questions whose chosen answer is the right one;
+- closed VQA: share of closed (A-D) questions whose chosen answer is the right one, overall and
+  per question (``closed_vqa_by_question``: organ and abnormality names replaced by placeholders);
 - retrieval: image-to-report and report-to-image R@1/R@5 among ``n`` volumes (SigLIP towers);
 - reports: recall = share of true (organ, abnormality) findings the generated report states;
   false mentions = share of stated findings that are not in the ground truth;
@@ -13,12 +14,14 @@ report writer round-trips with.
 from __future__ import annotations
 
 import json
+import re
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from ..data.lesions import PAIRS, present
+from ..data.lesions import ABNORMALITIES, ORGANS, PAIRS, present
 from ..data.m3d import CAP_JSON, read_cap, read_vqa
 from ..data.reports import mentioned_findings
 from .probe import probe_auc, token_features
@@ -34,6 +37,16 @@ def truth_pairs(data_root: Path) -> dict[str, set[tuple[str, str]]]:
         for image in case["images"]:
             out[str(data_root / image)] = pairs
     return out
+
+
+# Longest names first, so "left kidney" is replaced before "kidney" could be.
+_NAMES = re.compile("|".join(sorted((re.escape(w) for w in ORGANS + ABNORMALITIES), key=len, reverse=True)))
+
+
+def question_template(question: str) -> str:
+    """The question with its organ and abnormality names as placeholders: "Is there a cyst in the
+    liver?" -> "Is there a <name> in the <name>?"."""
+    return _NAMES.sub("<name>", question)
 
 
 def token_probe(pipe, fit_root: Path, fit_n: int, images: list[str], truths: dict) -> dict:
@@ -60,12 +73,15 @@ def evaluate_phantoms(pipe, data_root: str | Path, split: str = "train", n: int 
     csv_split = {"validation": "val"}.get(split, split)
     closed = [q for q in read_vqa(root / "M3D-VQA" / f"M3D_VQA_{csv_split}.csv") if str(q.image_path) in images]
 
-    correct = 0
+    by_question = defaultdict(list)
     for q in tqdm(closed, desc="closed VQA", disable=not progress):
         answer = pipe.ask(q.image_path, q.question, choices=list(q.choices))
-        correct += answer.startswith(f"{q.answer_choice}.")
+        by_question[question_template(q.question)].append(answer.startswith(f"{q.answer_choice}."))
+    correct = sum(sum(v) for v in by_question.values())
     results = {"n_volumes": len(caps), "closed_vqa_questions": len(closed),
-               "closed_vqa_accuracy": correct / max(len(closed), 1)}
+               "closed_vqa_accuracy": correct / max(len(closed), 1),
+               "closed_vqa_by_question": {t: {"n": len(v), "accuracy": round(float(np.mean(v)), 3)}
+                                          for t, v in sorted(by_question.items())}}
 
     if pipe.retrieval is not None:
         similarity = pipe._similarity([c.image_path for c in caps], [c.text for c in caps]).numpy()
