@@ -149,3 +149,37 @@ def test_resume_from_a_folder_without_demo_towers_says_so():
     with pytest.raises(Med3DVLMError, match="resume from a folder written by med3dvlm train demo"):
         towers_without_evidence(ROOT / "resources" / "models" / "demo")     # the VLM's folder, not its siglip/
     assert towers_without_evidence(ROOT / "resources" / "models" / "demo" / "siglip").max_text_length > 0
+
+
+def test_retrieval_refit_learns_reports_from_features_of_any_scale(tmp_path):
+    """The refit's fresh text tower and standardised image features: reports of six findings are told
+    apart by image features whose informative channels are 10,000 times smaller than the rest, and
+    the saved towers take the raw features (the standardisation is folded into the projection)."""
+    from transformers import AutoTokenizer
+
+    from med3dvlm.loading import load_siglip
+    from med3dvlm.train.config import TrainConfig
+    from med3dvlm.train.evidence_tower import refit_retrieval
+
+    demo = ROOT / "resources" / "models" / "demo"
+    siglip, tokenizer = load_siglip(demo / "siglip"), AutoTokenizer.from_pretrained(str(demo))
+    texts = ["There is a cyst in the liver.", "There is a mass in the spleen.", "The left kidney holds a calcification.",
+             "Right pleural effusion.", "There is haemorrhage in the right kidney.", "The liver is unremarkable."]
+    width, generator = siglip.mm_vision_proj.in_features, torch.Generator().manual_seed(0)
+    pattern = torch.randn(len(texts), 16, generator=generator)
+
+    def features(label: int) -> torch.Tensor:
+        noise = 100 * torch.randn(width - 16, generator=generator)
+        return torch.cat([noise, 0.01 * pattern[label] + 0.001 * torch.randn(16, generator=generator)])
+
+    pooled = {f"image-{i}": features(i % len(texts)) for i in range(96)}
+    pairs = [(key, texts[i % len(texts)]) for i, key in enumerate(pooled)]
+    refit_retrieval(siglip, pooled, pairs, tokenizer,
+                    TrainConfig(output_dir=str(tmp_path), epochs=25, batch_size=16, lr=1e-3, progress=False))
+
+    unseen = torch.stack([features(i % len(texts)) for i in range(30)])
+    tokens = tokenizer(texts, padding=True, add_special_tokens=False, padding_side="right", return_tensors="pt")
+    with torch.no_grad():
+        scores = siglip.embed_image_features(unseen) @ siglip.encode_text(tokens["input_ids"], tokens["attention_mask"]).T
+    accuracy = (scores.argmax(1) == torch.arange(30) % len(texts)).float().mean()
+    assert accuracy >= 0.9

@@ -28,6 +28,8 @@ from med3dvlm.errors import ModelError
 from med3dvlm.models.dcformer import DCFormer, DCFormerConfig, stage_tokens
 from med3dvlm.models.text import TextConfig, build_text_model, encode_text_tokens, text_width
 
+T_PRIME_INIT, BIAS_INIT = math.log(10.0), -10.0  # the paper's t' and b at the start of training
+
 
 def pairwise_sigmoid_terms(
     img_emb: Tensor, txt_emb: Tensor, logit_scale: Tensor, logit_bias: Tensor
@@ -62,8 +64,8 @@ class SigLIPModel(nn.Module):
         vision: DCFormerConfig,
         text: TextConfig,
         embed_dim: int = 512,
-        t_prime_init: float = math.log(10.0),
-        bias_init: float = -10.0,
+        t_prime_init: float = T_PRIME_INIT,
+        bias_init: float = BIAS_INIT,
     ):
         super().__init__()
         self.vision_config, self.text_config, self.embed_dim = vision, text, embed_dim

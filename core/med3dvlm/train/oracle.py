@@ -166,4 +166,5 @@ def language_gate(model, tokenizer, features: dict[str, torch.Tensor], gate_root
             f"{figures['reports_with_invented_finding']:.3f} of reports (gate {gate.invented:.2f}) and closed VQA "
             f"{figures['closed_vqa_accuracy']:.3f} (gate {gate.closed_vqa:.2f}) on {scores['n_volumes']} unseen "
             f"phantoms; fix the language stage's recipe before training it on a tower's tokens.")
-    return {**figures, "n_volumes": scores["n_volumes"], "example_report": scores["example_report"]}
+    return {**figures, "n_volumes": scores["n_volumes"], "closed_vqa_by_question": scores["closed_vqa_by_question"],
+            "example_report": scores["example_report"]}
