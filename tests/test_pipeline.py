@@ -147,7 +147,6 @@ def test_batch_equals_one_by_one(pipe):
     assert batch == single
 
 
-@NOT_YET_ACCURATE
 def test_retrieval_ranks_the_true_report_first(pipe):
     phantoms = [make_ct_phantom(seed, n_findings=1) for seed in (21, 22, 23, 24)]
     from med3dvlm.data.reports import write_report

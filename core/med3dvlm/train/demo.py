@@ -367,15 +367,18 @@ def _segmenter_stage(recipe: DemoRecipe, work: Path, resume, progress: bool, log
     segmenter = FindingSegmenter()
     folder = work / "segmenter"
     # Until the run has a checkpoint of its own (a build stopped before its first round has the
-    # curve alone), it starts from the resumed model's weights.
+    # curve alone), it starts from the resumed model's weights: those of its retrieval towers, which a
+    # bundle may carry from a later build than its VLM's (their record is then siglip/recipe.json).
     if resume and not (folder / CHECKPOINT_DIR).is_dir():
-        shipped = _stored(Path(resume) / WEIGHTS_NAME, "vision_tower.evidence.")
+        towers = Path(resume) / SIGLIP_FOLDER
+        shipped = _stored(towers / WEIGHTS_NAME, "vision_encoder.evidence.")
         if shipped:
             segmenter.load_state_dict(shipped)
             if not (folder / "curve.json").is_file():
+                record = next(p for p in (towers / "recipe.json", Path(resume) / "recipe.json") if p.is_file())
                 folder.mkdir(parents=True, exist_ok=True)
-                (folder / "curve.json").write_text(json.dumps(json.loads((Path(resume) / "recipe.json").read_text())
-                                                              ["segmenter_curve"], indent=1) + "\n")
+                (folder / "curve.json").write_text(json.dumps(json.loads(record.read_text())["segmenter_curve"],
+                                                              indent=1) + "\n")
     options = dict(recipe.segmenter)
     rounds, steps, decay = options.pop("rounds"), options.pop("steps_per_round"), options.pop("decay_steps", 0)
     curve = train_segmenter(segmenter, examples, held_out,
