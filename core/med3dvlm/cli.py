@@ -297,7 +297,7 @@ def cmd_evaluate(args) -> None:
     from dataclasses import asdict
 
     from .data.m3d import write_dataset
-    from .eval.phantom_eval import evaluate_phantoms
+    from .eval.phantom_eval import evaluate_phantoms, summary_text
     from .generation import REPORT_SETTINGS
 
     if args.benchmark == "m3d":
@@ -321,17 +321,9 @@ def cmd_evaluate(args) -> None:
     results = evaluate_phantoms(pipe, data, split=split, n=n, probe_fit=probe_fit, probe_fit_n=PROBE_FIT_N)
     results["provenance"] = {**_provenance(pipe, "evaluate", None, {}, time.perf_counter() - started),
                              "generation": {"reports": asdict(REPORT_SETTINGS), "closed_vqa": "most likely choice"}}
-    example = results.pop("example_report")
-    for key, value in results.items():
-        if key == "closed_vqa_by_question":
-            print(key)
-            for template, score in value.items():
-                print(f"  {template:58s} {score['accuracy']:.3f} of {score['n']}")
-        elif key != "provenance":
-            print(f"{key:32s} {value:.4f}" if isinstance(value, float) else f"{key:32s} {value}")
-    print(f"\nexample report:\n{example}")
+    print(summary_text(results))
     if args.json:
-        Path(args.json).write_text(json.dumps({**results, "example_report": example}, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
 
 
 def _evaluate_m3d(args) -> None:

@@ -107,3 +107,14 @@ def evaluate_phantoms(pipe, data_root: str | Path, split: str = "train", n: int 
         probe = token_probe(pipe, Path(probe_fit), probe_fit_n, [str(c.image_path) for c in caps], truths)
         results.update({"token_probe_macro_auc": probe["macro_auc"], "token_probe_pairs": probe["labels_scored"]})
     return results
+
+
+def summary_text(results: dict) -> str:
+    """``evaluate_phantoms``'s results as the lines ``med3dvlm evaluate`` prints (provenance left out)."""
+    lines = []
+    for key, value in results.items():
+        if key == "closed_vqa_by_question":
+            lines += [key] + [f"  {template:58s} {score['accuracy']:.3f} of {score['n']}" for template, score in value.items()]
+        elif key not in ("provenance", "example_report"):
+            lines.append(f"{key:32s} {value:.4f}" if isinstance(value, float) else f"{key:32s} {value}")
+    return "\n".join(lines) + f"\n\nexample report:\n{results['example_report']}"

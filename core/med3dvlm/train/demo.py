@@ -375,7 +375,7 @@ def _segmenter_stage(recipe: DemoRecipe, work: Path, resume, progress: bool, log
         if shipped:
             segmenter.load_state_dict(shipped)
             if not (folder / "curve.json").is_file():
-                record = next(p for p in (towers / "recipe.json", Path(resume) / "recipe.json") if p.is_file())
+                record = towers / "recipe.json" if (towers / "recipe.json").is_file() else Path(resume) / "recipe.json"
                 folder.mkdir(parents=True, exist_ok=True)
                 (folder / "curve.json").write_text(json.dumps(json.loads(record.read_text())["segmenter_curve"],
                                                               indent=1) + "\n")

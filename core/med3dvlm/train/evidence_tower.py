@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from ..checkpoints import WEIGHTS_NAME, read_config
@@ -25,6 +24,7 @@ from ..models.text import TextConfig, build_text_model
 from .config import TrainConfig
 from .trainer import TrainResult, train
 from .volumes import image_text_collate
+
 
 def with_evidence(siglip: SigLIPModel, segmenter: FindingSegmenter) -> SigLIPModel:
     """A copy of ``siglip`` whose image tower carries ``segmenter``; its image projection is new."""
@@ -78,9 +78,11 @@ def refit_retrieval(siglip: SigLIPModel, pooled: dict[str, torch.Tensor], pairs:
     with torch.no_grad():
         siglip.t_prime.fill_(T_PRIME_INIT)
         siglip.bias.fill_(BIAS_INIT)
-    images = torch.stack([pooled[image] for image, _ in pairs])
-    mean, std = images.mean(0), images.std(0).clamp_min(1e-6)
-    rows = [((pooled[image] - mean) / std, text, None) for image, text in pairs]
+    images = sorted({image for image, _ in pairs})  # an image paired with several wordings counts once
+    stacked = torch.stack([pooled[image] for image in images])
+    mean, std = stacked.mean(0), stacked.std(0).clamp_min(1e-6)
+    standard = dict(zip(images, (stacked - mean) / std))
+    rows = [(standard[image], text, None) for image, text in pairs]
 
     def loss_fn(model: SigLIPModel, batch: dict) -> torch.Tensor:
         return sigmoid_loss(model.embed_image_features(batch["images"]),
