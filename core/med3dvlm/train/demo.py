@@ -358,12 +358,16 @@ def _segmenter_stage(recipe: DemoRecipe, work: Path, resume, progress: bool, log
     """The finding segmenter on lesion-centred crops; continues the work folder's run, or starts
     from ``resume``'s weights."""
     config = PRESETS[recipe.preset]
-    examples = segmenter_phantoms(work / f"segmenter-phantoms-{recipe.preset}.pt",
-                                  [case_seed(TOWER_SEED + recipe.seed, i) for i in range(recipe.n_segmenter_phantoms)],
-                                  recipe.tower_findings, config, recipe.workers)
-    held_out = segmenter_phantoms(work / f"segmenter-heldout-{recipe.preset}.pt",
-                                  [case_seed(GATE_SEED + recipe.seed, i) for i in range(recipe.n_gate_phantoms)],
-                                  None, config, recipe.workers)
+    options = dict(recipe.segmenter)
+    rounds, steps, decay = options.pop("rounds"), options.pop("steps_per_round"), options.pop("decay_steps", 0)
+    examples = held_out = []
+    if rounds or decay:  # a build that trains no segmenter step renders none of its phantoms
+        examples = segmenter_phantoms(work / f"segmenter-phantoms-{recipe.preset}.pt",
+                                      [case_seed(TOWER_SEED + recipe.seed, i) for i in range(recipe.n_segmenter_phantoms)],
+                                      recipe.tower_findings, config, recipe.workers)
+        held_out = segmenter_phantoms(work / f"segmenter-heldout-{recipe.preset}.pt",
+                                      [case_seed(GATE_SEED + recipe.seed, i) for i in range(recipe.n_gate_phantoms)],
+                                      None, config, recipe.workers)
     segmenter = FindingSegmenter()
     folder = work / "segmenter"
     # Until the run has a checkpoint of its own (a build stopped before its first round has the
@@ -379,8 +383,6 @@ def _segmenter_stage(recipe: DemoRecipe, work: Path, resume, progress: bool, log
                 folder.mkdir(parents=True, exist_ok=True)
                 (folder / "curve.json").write_text(json.dumps(json.loads(record.read_text())["segmenter_curve"],
                                                               indent=1) + "\n")
-    options = dict(recipe.segmenter)
-    rounds, steps, decay = options.pop("rounds"), options.pop("steps_per_round"), options.pop("decay_steps", 0)
     curve = train_segmenter(segmenter, examples, held_out,
                             _train_config(recipe, folder, progress, {**options, "resume": True}),
                             rounds, steps, log, decay_steps=decay)

@@ -200,6 +200,10 @@ def train_segmenter(segmenter: FindingSegmenter, examples: Sequence[dict], held_
     out = Path(config.output_dir)
     curve_path, checkpoint = out / "curve.json", out / CHECKPOINT_DIR
     curve = json.loads(curve_path.read_text()) if curve_path.is_file() else []
+    if checkpoint.is_dir():  # the run's weights, also when no round is asked for (``--segmenter-rounds 0``)
+        load_trainable(segmenter, checkpoint)
+    if not rounds and not decay_steps:  # nothing to train: ``examples`` and ``held_out`` may be empty
+        return curve
     pixels = torch.stack([e["pixels"] for e in held_out])
     labels = torch.stack([e["present"] for e in held_out])
     done = curve[-1]["steps"] if curve else 0
@@ -207,8 +211,6 @@ def train_segmenter(segmenter: FindingSegmenter, examples: Sequence[dict], held_
     # over a fresh crop stream, counted on from there.
     base = curve[-1].get("base", 0) if curve and checkpoint.is_dir() else done
     dataset = LesionCrops(examples, seed=config.seed + base, crop=crop)
-    if checkpoint.is_dir():  # the run's weights, also when no round is asked for (``--segmenter-rounds 0``)
-        load_trainable(segmenter, checkpoint)
     wall, cpu = (curve[-1]["train_seconds"], curve[-1]["cpu_seconds"]) if curve else (0.0, 0.0)
     for _ in range(rounds):
         started, cpu_started = time.perf_counter(), time.process_time()
