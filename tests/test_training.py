@@ -76,6 +76,7 @@ def test_gpu_script_dry_run_builds_a_loadable_demo_and_python_resumes_it(tmp_pat
     shipped, rebuilt = (load_file(str(tmp_path / m / "model.safetensors")) for m in ("model-2", "model-3"))
     evidence = [k for k in shipped if k.startswith("vision_tower.evidence.")]
     assert evidence and all(torch.equal(shipped[k], rebuilt[k]) for k in evidence)
+    assert not list((tmp_path / "work-3").glob("segmenter-*.pt"))  # no step asked: none of its phantoms rendered
 
 
 def test_pixel_cache_survives_a_moved_work_folder_and_fills_only_what_it_lacks(ct_dataset, tmp_path):
