@@ -115,9 +115,10 @@ def test_demo_build_at_a_tiny_size_saves_a_detector_that_reloads(tmp_path):
     out = tmp_path / "demo"
     metrics = train_medmap_demo(out, n_train=6, n_val=4, n_test=4, input_size=INPUT, phantom_shape=SHAPE,
                                 pretrain_epochs=1, finetune_epochs=1, batch_size=3, work=tmp_path / "work",
-                                segmenter={"rounds": 1, "steps_per_round": 2, "batch_size": 2}, workers=1,
-                                progress=False)
-    assert [row["steps"] for row in metrics["segmenter_curve"]] == [2]
+                                segmenter={"rounds": 1, "steps_per_round": 2, "batch_size": 2, "decay_steps": 2},
+                                workers=1, progress=False)
+    # the constant-rate round, then the decayed copy the detector takes
+    assert [(row["steps"], row.get("decay_from")) for row in metrics["segmenter_curve"]] == [(2, None), (4, 2)]
     assert json.loads((out / "metrics.json").read_text())["finetuned"]["study"]["per_label_auc"].keys() == \
         {f"{o}/{k}" for o, k in PAIRS}
     detector = Detector.load(out)
