@@ -18,6 +18,7 @@ from med3dvlm.preprocess import DEMO, preprocess
 from med3dvlm.readers import read_volume
 from med3dvlm.train.demo import DemoRecipe, train_demo
 from med3dvlm.train.oracle import LanguageGate
+from med3dvlm.train.vlm_more import more_vlm
 from med3dvlm.train.volumes import cached_pixels
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +61,17 @@ def test_gpu_script_dry_run_builds_a_loadable_demo_and_python_resumes_it(tmp_pat
     assert isinstance(pipe.report(image, max_new_tokens=8), str)
     assert summary["recipe"]["n_phantoms"] == 12
     assert set(summary["probes"]) == {"encoder_tokens", "projector_tokens"}
+
+    # --more-vlm: only the last stage goes on; tower and retrieval towers stay, the record grows
+    assert main(["train", "demo", "--out", str(tmp_path / "model"), "--work", str(tmp_path / "work"), "--resume",
+                 str(tmp_path / "model"), "--more-vlm"]) == 2   # never over the model it continues
+    record = more_vlm(tmp_path / "model-more", tmp_path / "work", tmp_path / "model",
+                      tiny_recipe(vlm_more={"epochs": 1, "batch_size": 16, "lr": 1e-3}), progress=False)
+    before, after = (load_file(str(tmp_path / m / "model.safetensors")) for m in ("model", "model-more"))
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("vision_tower."))
+    assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith("language_model."))
+    assert json.loads((tmp_path / "model-more" / "recipe.json").read_text())["vlm_more"] == [record]
+    assert med3dvlm.load(tmp_path / "model-more", device="cpu").retrieval is not None
 
     # --resume from the written model in a new work folder: its segmenter goes on, its curve with it
     again = train_demo(tmp_path / "model-2", tmp_path / "work-2", tiny_recipe(), progress=False,

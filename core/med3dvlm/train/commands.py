@@ -142,6 +142,16 @@ def cmd_demo(args) -> None:
     recipe = dataclasses.replace(recipe, **{k: v for k, v in given.items() if v is not None})
     if args.segmenter_rounds is not None:
         recipe.segmenter["rounds"] = args.segmenter_rounds
+    if args.more_vlm:
+        from .vlm_more import more_vlm
+
+        if not args.resume:
+            raise Med3DVLMError("--more-vlm continues a built model: name it with --resume (e.g. --resume demo).")
+        record = more_vlm(args.out, args.work, _demo_folder(args.resume), recipe)
+        print(f"Demo model written to {args.out}: {record['options']['epochs']} more epochs of its last stage in "
+              f"{record['seconds']:.0f} s (loss {record['vlm_loss'][0]:.3f} -> {record['vlm_loss'][1]:.3f}); "
+              f"evaluate it with: med3dvlm evaluate --model {args.out}")
+        return
     summary = train_demo(args.out, args.work, recipe, resume=_demo_folder(args.resume))
     probes, language = summary["probes"], summary["language_gate"]
     print(f"Demo model written to {args.out} in {sum(summary['seconds'].values()):.0f} s "
@@ -234,6 +244,9 @@ def add_train_parser(sub) -> None:
                         "continues where it stopped)")
     p.add_argument("--segmenter-rounds", type=int,
                    help="rounds of 250 segmenter steps, each scored on unseen phantoms (default: the recipe's 6)")
+    p.add_argument("--more-vlm", action="store_true",
+                   help="with --resume: only continue that model's last stage (projector + language model on "
+                        "the tower's tokens) for the recipe's vlm_more epochs")
     p = stage("medmap", "MedMAP on MedMoM-layout MRI data: modality-aware pre-training, fine-tuning with the "
                         "text tower frozen, validation thresholds (options: key=value for both stages, "
                         "pretrain.key=value / finetune.key=value for one; resume=true continues)", cmd_medmap)

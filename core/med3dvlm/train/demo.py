@@ -112,6 +112,9 @@ class DemoRecipe:
                                                                "warmup_steps": 20})
     vlm: dict = field(default_factory=lambda: {"epochs": 1, "batch_size": 32, "lr": 5e-4,
                                                "weight_decay": 0.0, "warmup_steps": 30})
+    # ``train demo --resume MODEL --more-vlm``: that stage continued on a built model (``vlm_more``)
+    vlm_more: dict = field(default_factory=lambda: {"epochs": 2, "batch_size": 32, "lr": 3e-4,
+                                                    "weight_decay": 0.0, "warmup_steps": 30})
     language_gate: LanguageGate = field(default_factory=LanguageGate)
 
     @classmethod
