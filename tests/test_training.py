@@ -39,7 +39,7 @@ def tiny_recipe(**changes) -> DemoRecipe:
     return DemoRecipe(**{**options, **changes})
 
 
-def test_gpu_script_dry_run_builds_a_loadable_demo_and_python_resumes_it(tmp_path):
+def test_gpu_script_dry_run_builds_a_loadable_demo_and_python_resumes_it(tmp_path, capsys):
     """scripts/train_demo_gpu.sh with a tiny recipe on the CPU (the GPU run is the same command)."""
     recipe = {k: v for k, v in dataclasses.asdict(tiny_recipe()).items() if k != "workers"}
     (tmp_path / "tiny.json").write_text(json.dumps(recipe))
@@ -65,6 +65,8 @@ def test_gpu_script_dry_run_builds_a_loadable_demo_and_python_resumes_it(tmp_pat
     # --more-vlm: only the last stage goes on; tower and retrieval towers stay, the record grows
     assert main(["train", "demo", "--out", str(tmp_path / "model"), "--work", str(tmp_path / "work"), "--resume",
                  str(tmp_path / "model"), "--more-vlm"]) == 2   # never over the model it continues
+    assert main(["train", "demo", "--out", str(tmp_path / "x"), "--more-vlm"]) == 2   # and only a built one
+    assert "name it with --resume" in capsys.readouterr().err
     record = more_vlm(tmp_path / "model-more", tmp_path / "work", tmp_path / "model",
                       tiny_recipe(vlm_more={"epochs": 1, "batch_size": 16, "lr": 1e-3}), progress=False)
     before, after = (load_file(str(tmp_path / m / "model.safetensors")) for m in ("model", "model-more"))

@@ -230,9 +230,7 @@ def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | N
     model = build_vlm(tokenizer, dataclasses.replace(vision, evidence=True), _language_model(recipe, tokenizer),
                       recipe.preset, prompt_style="exact", low_output_size=recipe.low_output_size,
                       high_output_size=recipe.high_output_size)
-    reports = caps + reworded_reports(roots, recipe.report_wordings - 1, recipe.seed)
-    examples = caption_examples(reports, model.config.num_image_tokens, recipe.seed) + vqa_examples(
-        vqas, model.config.num_image_tokens)
+    reports, examples = instruction_examples(roots, caps, vqas, recipe, model.config.num_image_tokens)
     oracle = oracle_features(roots + [gate_root], model.config.num_image_tokens, recipe.lm_width,
                              recipe.language_gate.noise, recipe.seed)
     truths = {f"truth:{i}": case for i, case in enumerate(sample_cases(recipe.oracle_truths, TRUTH_SEED + recipe.seed))}
@@ -297,9 +295,8 @@ def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | N
     align_run = align_projector(model, {k: features[k] for k in train_images}, clean,
                                 _train_config(recipe, work / "projector", progress, recipe.projector_alignment))
     lap("projector alignment")
-    vlm_run = vlm_stage(model, {k: features[k] for k in train_images}, examples, tokenizer,
-                        _train_config(recipe, work / "vlm", progress, recipe.vlm), train_lm=True,
-                        max_length=recipe.lm_context, image_token_centering=recipe.image_token_centering)
+    vlm_run = last_stage(model, {k: features[k] for k in train_images}, examples, tokenizer, recipe,
+                         _train_config(recipe, work / "vlm", progress, recipe.vlm))
     lap("vlm")
     model.eval()
     probes["projector_tokens"] = token_probe(features, train_images, gate_images, labels, model.mm_projector)
@@ -318,6 +315,20 @@ def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | N
                "torch": torch.__version__, "threads": torch.get_num_threads()}
     (out / "recipe.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def instruction_examples(roots: list[Path], caps: list[CapItem], vqas: list, recipe: DemoRecipe,
+                         num_image_tokens: int) -> tuple[list[CapItem], list]:
+    """The reports (each training volume's written one and its rewordings) and the examples of the
+    language stages: those reports, and the shards' closed and open questions."""
+    reports = caps + reworded_reports(roots, recipe.report_wordings - 1, recipe.seed)
+    return reports, caption_examples(reports, num_image_tokens, recipe.seed) + vqa_examples(vqas, num_image_tokens)
+
+
+def last_stage(model, features: dict, examples: list, tokenizer, recipe: DemoRecipe, config: TrainConfig):
+    """The build's last stage: projector and language model together on the tower's (cached) tokens."""
+    return vlm_stage(model, features, examples, tokenizer, config, train_lm=True, max_length=recipe.lm_context,
+                     image_token_centering=recipe.image_token_centering)
 
 
 def _language_model(recipe: DemoRecipe, tokenizer) -> Qwen2Config:

@@ -19,9 +19,7 @@ from ..errors import Med3DVLMError
 from ..loading import SIGLIP_FOLDER, load_bundle, save_bundle
 from ..preprocess import PRESETS
 from .config import TrainConfig
-from .demo import DemoRecipe, read_shards, reworded_reports, write_shards
-from .examples import caption_examples, vqa_examples
-from .stages import vlm_stage
+from .demo import DemoRecipe, instruction_examples, last_stage, read_shards, write_shards
 from .volumes import cached_pixels, encoder_features
 
 
@@ -37,9 +35,7 @@ def more_vlm(out_dir: str | Path, work_dir: str | Path, resume: str | Path, reci
     model, tokenizer = load_bundle(resume)
     roots = write_shards(work, recipe.n_phantoms, recipe.seed)
     caps, vqas = read_shards(roots)
-    n = model.config.num_image_tokens
-    reports = caps + reworded_reports(roots, recipe.report_wordings - 1, recipe.seed)
-    examples = caption_examples(reports, n, recipe.seed) + vqa_examples(vqas, n)
+    _, examples = instruction_examples(roots, caps, vqas, recipe, model.config.num_image_tokens)
     images = sorted({str(c.image_path) for c in caps})
     pixels = cached_pixels(work / f"pixels-{recipe.preset}.pt", images, PRESETS[recipe.preset], progress=progress)
     model.vision_tower.eval()
@@ -48,7 +44,7 @@ def more_vlm(out_dir: str | Path, work_dir: str | Path, resume: str | Path, reci
     shutil.rmtree(folder, ignore_errors=True)   # a stopped run starts over: it is minutes, not hours
     # seed + 1: another batch order than the build's own epoch
     config = TrainConfig(output_dir=str(folder), seed=recipe.seed + 1, progress=progress, **recipe.vlm_more)
-    run = vlm_stage(model, features, examples, tokenizer, config, train_lm=True, max_length=recipe.lm_context)
+    run = last_stage(model, features, examples, tokenizer, recipe, config)
     model.eval()
     save_bundle(out, model.cpu(), tokenizer)
     if (resume / SIGLIP_FOLDER).is_dir():
