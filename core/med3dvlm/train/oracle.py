@@ -36,7 +36,7 @@ its own token, not half matches) were tried again with rank 3 (December 2026): a
 on the questions alone, 1,200 steps, 300 unseen truths: closed VQA 0.62 -> 0.76, "Where in the
 ...?" 0.35 -> 0.76; but through the build's stages the gate gave closed VQA 0.847, "Where" 0.77,
 presence 0.70, recall 0.973 and **invented 0.227** (the Impression re-read a finding as another
-kind): not adopted.
+kind): not adopted; nor at half the key's weight (closed VQA 0.869, recall 0.953, invented 0.167).
 The projector is later taught to give this layout from the tower's tokens (``align_projector``).
 """
 
