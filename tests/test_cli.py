@@ -71,6 +71,19 @@ def test_phantom_evaluation_json_says_what_produced_it(ct_dataset, tmp_path):
     assert not any(organ in template for template in by_question for organ in ("liver", "spleen", "left kidney"))
 
 
+def test_evaluation_writes_more_phantoms_when_asked_for_more_than_its_folder_holds(tmp_path):
+    out = tmp_path / "eval.json"
+    common = ["--seed", "9", "--probe-fit", "0", "--work", str(tmp_path), "--device", "cpu", "--json", str(out)]
+    assert main(["evaluate", "-n", "1", *common]) == 0
+    assert main(["evaluate", "-n", "2", *common]) == 0  # the folder of 1 phantom is not enough
+    assert json.loads(out.read_text())["n_volumes"] == 2
+    manifest = tmp_path / "eval-phantoms-seed9" / "manifest.json"
+    made = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**made, "generator_version": "0.1"}))  # phantoms of an older generator
+    assert main(["evaluate", "-n", "1", *common]) == 0
+    assert json.loads(manifest.read_text())["generator_version"] == made["generator_version"]
+
+
 def test_evaluation_refuses_to_fit_the_probe_on_the_phantoms_it_scores(capsys, tmp_path):
     assert main(["evaluate", "--seed", "5", "--probe-fit", "5", "--work", str(tmp_path)]) == 2
     assert "--probe-fit must differ from --seed" in capsys.readouterr().err

@@ -296,7 +296,7 @@ def cmd_view(args) -> None:
 def cmd_evaluate(args) -> None:
     from dataclasses import asdict
 
-    from .data.m3d import write_dataset
+    from .data.m3d import write_dataset, written_cases
     from .eval.phantom_eval import evaluate_phantoms, summary_text
     from .generation import REPORT_SETTINGS
 
@@ -308,14 +308,14 @@ def cmd_evaluate(args) -> None:
     data, n, split = args.data, args.n or 100, args.split or "train"
     if data is None:  # fresh phantoms the model never saw
         data = Path(args.work) / f"eval-phantoms-seed{args.seed}"
-        if not (data / "manifest.json").is_file():
+        if written_cases(data, args.seed) < n:  # a folder of fewer (or stale) phantoms is written again
             write_dataset(data, n, args.seed, modality="CT", splits=(1.0, 0.0, 0.0), progress=True)
     probe_fit = None
     if args.probe_fit:  # other fresh phantoms for the image-token probe to learn from
         if args.probe_fit == args.seed:
             raise Med3DVLMError("--probe-fit must differ from --seed: the probe is scored on the evaluation phantoms.")
         probe_fit = Path(args.work) / f"probe-fit-phantoms-seed{args.probe_fit}"
-        if not (probe_fit / "manifest.json").is_file():
+        if written_cases(probe_fit, args.probe_fit) < PROBE_FIT_N:
             write_dataset(probe_fit, PROBE_FIT_N, args.probe_fit, modality="CT", splits=(1.0, 0.0, 0.0), progress=True)
     pipe, started = _pipeline(args), time.perf_counter()
     results = evaluate_phantoms(pipe, data, split=split, n=n, probe_fit=probe_fit, probe_fit_n=PROBE_FIT_N)

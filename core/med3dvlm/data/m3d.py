@@ -82,6 +82,19 @@ def _vqa_row(image: str, text: str, q: dict) -> dict:
                                   q.get("answer_choice", "")]))
 
 
+def written_cases(root, seed: int, modality: str = "CT") -> int:
+    """How many cases of ``seed`` the dataset at ``root`` holds, as this generator writes them
+    (0 when it is missing or from another seed, modality or generator): its first cases are
+    the same for any ``n``, so a caller that needs ``n`` of them reuses a folder holding as many."""
+    manifest = Path(root) / "manifest.json"
+    if not manifest.is_file():
+        return 0
+    made = json.loads(manifest.read_text(encoding="utf-8"))
+    same = (made.get("seed"), made.get("modality"), made.get("generator_version")) == (seed, modality,
+                                                                                       GENERATOR_VERSION)
+    return int(made.get("n", 0)) if same else 0
+
+
 def write_dataset(outdir, n: int, seed: int, modality: str = "CT", splits=(0.8, 0.1, 0.1),
                   progress: bool = True, *, shape=None, sequences=MR_SEQUENCES) -> dict:
     """Write ``n`` phantom cases as an M3D-style dataset; returns the manifest."""

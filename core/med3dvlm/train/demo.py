@@ -39,8 +39,7 @@ from transformers import AutoTokenizer, Qwen2Config
 
 from ..checkpoints import WEIGHTS_NAME
 from ..data.lesions import PAIRS
-from ..data.m3d import CAP_JSON, CapItem, case_seed, read_cap, read_vqa, write_dataset
-from ..data.phantoms import GENERATOR_VERSION
+from ..data.m3d import CAP_JSON, CapItem, case_seed, read_cap, read_vqa, write_dataset, written_cases
 from ..data.reports import write_report
 from ..errors import Med3DVLMError
 from ..eval.probe import probe_auc, token_features
@@ -139,7 +138,7 @@ def _shard(args) -> str:
 def write_shards(work: Path, n: int, seed: int, shards: int = 2) -> list[Path]:
     sizes = [n // shards + (i < n % shards) for i in range(shards)]
     jobs = [(str(work / f"phantoms-{i}"), size, seed * shards + i) for i, size in enumerate(sizes) if size]
-    if all(_written(Path(root), size, shard_seed) for root, size, shard_seed in jobs):
+    if all(written_cases(root, shard_seed) == size for root, size, shard_seed in jobs):
         return [Path(root) for root, _, _ in jobs]  # a rerun in the same work folder reuses them
     with ProcessPoolExecutor(len(jobs)) as pool:
         return [Path(root) for root in pool.map(_shard, jobs)]
@@ -184,13 +183,6 @@ def reworded_reports(roots: list[Path], copies: int, seed: int) -> list[CapItem]
     return out
 
 
-def _written(root: Path, n: int, seed: int) -> bool:
-    """Whether ``root`` holds these phantoms, written by this generator (else they are written again)."""
-    manifest = root / "manifest.json"
-    wanted = {"n": n, "seed": seed, "generator_version": GENERATOR_VERSION}
-    return manifest.is_file() and {k: json.loads(manifest.read_text()).get(k) for k in wanted} == wanted
-
-
 def read_shards(roots: list[Path]):
     caps, vqas = [], []
     for root in roots:
@@ -214,7 +206,7 @@ def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | N
 
     roots = write_shards(work, recipe.n_phantoms, recipe.seed)
     gate_root = work / "gate-phantoms"
-    if not _written(gate_root, recipe.n_gate_phantoms, GATE_SEED + recipe.seed):
+    if written_cases(gate_root, GATE_SEED + recipe.seed) != recipe.n_gate_phantoms:
         write_dataset(gate_root, recipe.n_gate_phantoms, GATE_SEED + recipe.seed, modality="CT",
                       splits=(1.0, 0.0, 0.0), progress=False)
     caps, vqas = read_shards(roots)
