@@ -239,6 +239,14 @@ def test_a_follow_up_about_a_file_does_not_read_it_again(monkeypatch, tmp_path):
 def test_a_texts_retrieval_score_does_not_depend_on_the_other_texts(pipe, phantom):
     """The shared tokenizer pads on the left for generation; the text tower's must not shift."""
     short, long = "No abnormality.", "Findings: " + "The liver is unremarkable. " * 8
-    alone = pipe._similarity([phantom.volume], [short])[0, 0]
-    together = pipe._similarity([phantom.volume], [short, long])[0, 0]
+    alone = pipe.similarities([phantom.volume], [short])[0, 0]
+    together = pipe.similarities([phantom.volume], [short, long])[0, 0]
     assert torch.allclose(alone, together, atol=1e-5)
+
+
+def test_retrieval_over_many_volumes_is_embedded_in_batches_without_a_graph(pipe, phantom):
+    """Phantom evaluation ranks every volume against every report: all at once, 200 took ~15 GB."""
+    volumes, texts = [phantom.volume] * 3, ["No abnormality.", "A cyst in the liver.", "Fluid."]
+    in_batches = pipe.similarities(volumes, texts, batch_size=2)
+    assert torch.allclose(in_batches, pipe.similarities(volumes, texts), atol=1e-5)
+    assert in_batches.shape == (3, 3) and not in_batches.requires_grad

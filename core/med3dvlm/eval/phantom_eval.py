@@ -84,7 +84,7 @@ def evaluate_phantoms(pipe, data_root: str | Path, split: str = "train", n: int 
                                           for t, v in sorted(by_question.items())}}
 
     if pipe.retrieval is not None:
-        similarity = pipe._similarity([c.image_path for c in caps], [c.text for c in caps]).numpy()
+        similarity = pipe.similarities([c.image_path for c in caps], [c.text for c in caps]).numpy()
         results.update(recall_at_k(similarity, (1, 5)))
 
     truths = truth_pairs(root)
