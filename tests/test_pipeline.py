@@ -250,3 +250,8 @@ def test_retrieval_over_many_volumes_is_embedded_in_batches_without_a_graph(pipe
     in_batches = pipe.similarities(volumes, texts, batch_size=2)
     assert torch.allclose(in_batches, pipe.similarities(volumes, texts), atol=1e-5)
     assert in_batches.shape == (3, 3) and not in_batches.requires_grad
+    # the probability SigLIP was trained to give (its own logits t cos + b), not the sigmoid of the cosine
+    text = pipe.tokenizer([texts[1]], return_tensors="pt", add_special_tokens=False)
+    with torch.inference_mode():
+        logits = pipe.retrieval(pipe.pixels(phantom.volume), text["input_ids"], text["attention_mask"])["logits"]
+    assert in_batches[0, 1].item() == pytest.approx(torch.sigmoid(logits)[0, 0].item(), abs=1e-5)

@@ -423,4 +423,6 @@ class Pipeline:
                                    padding_side="right")  # BERT's positions start at 0 for every text
             embedded.append(self.retrieval.encode_text(batch["input_ids"].to(self.device),
                                                        batch["attention_mask"].to(self.device)))
-        return torch.sigmoid(images @ torch.cat(embedded).T).float().cpu()
+        # SigLIP's pairwise probability, sigmoid(t cos + b), as trained: the cosine alone is no probability
+        logits = self.retrieval.t_prime.exp() * images @ torch.cat(embedded).T + self.retrieval.bias
+        return torch.sigmoid(logits).float().cpu()
