@@ -106,3 +106,12 @@ def test_evaluate_refuses_to_run_once_per_rank(monkeypatch, capsys):
 def test_deterministic_is_refused_with_a_server(capsys):
     assert main(["ask", CT, "What is seen?", "--deterministic", "--server", "http://127.0.0.1:9"]) == 2
     assert "--deterministic applies to a model in this process" in capsys.readouterr().err
+
+
+def test_retrieve_takes_reports_as_text_of_any_length_or_as_files(capsys, tmp_path):
+    true_report = sample_path("ct_phantom_report.txt").read_text().strip()  # longer than a file name may be
+    other = tmp_path / "other.txt"
+    other.write_text("Findings: No abnormality. Impression: Normal study.")
+    assert main(["retrieve", CT, true_report, str(other), "--device", "cpu"]) == 0
+    first, second = capsys.readouterr().out.splitlines()[:2]
+    assert true_report[:60] in first and "No abnormality" in second
