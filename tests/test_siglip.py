@@ -110,15 +110,17 @@ def test_a_few_steps_fit_a_fixed_batch():
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_similarity_is_cosine_matrix_for_retrieval():
+def test_match_logits_of_embeddings_made_apart_are_the_trained_logits():
     torch.manual_seed(0)
     model = SigLIPModel(TINY_VISION, tiny_text(pooling="mean"), embed_dim=12).eval()
     images, input_ids, mask = tiny_batch(n=3)
-    sim = model.similarity(images[:2], input_ids, mask)
-    assert sim.shape == (2, 3) and not sim.requires_grad
-    assert sim.abs().max() <= 1.0 + 1e-5
     with torch.no_grad():
-        torch.testing.assert_close(sim, model.encode_image(images[:2]) @ model.encode_text(input_ids, mask).T)
+        img, txt = model.encode_image(images), model.encode_text(input_ids, mask)
+        logits = model.match_logits(img[:2], txt)
+        assert logits.shape == (2, 3)
+        torch.testing.assert_close(logits, model(images, input_ids, mask)["logits"][:2])
+        cosines = img[:2] @ txt.T  # the same ranking as the cosines, on SigLIP's trained scale
+        assert torch.equal(logits.argsort(dim=1), cosines.argsort(dim=1))
 
 
 def test_text_tower_distilbert_mean_pooling_and_vocab_check():

@@ -243,17 +243,10 @@ def cmd_detect(args) -> None:
         print(f"{score.label:36s} {score.probability:11.3f} {cut}{flag}")
 
 
-def _text_or_file(text: str) -> str:
-    """A report given on the command line, or the text of the file it names."""
-    try:
-        return Path(text).read_text().strip() if Path(text).is_file() else text
-    except OSError:  # a long report is no file name (ENAMETOOLONG)
-        return text
-
-
 def cmd_retrieve(args) -> None:
     pipe = _pipeline(args)
-    texts = [_text_or_file(t) for t in args.texts]
+    # os.path.isfile, not Path.is_file: a report longer than a file name may be raises in the latter
+    texts = [Path(t).read_text().strip() if os.path.isfile(t) else t for t in args.texts]
     for rank, (index, score) in enumerate(pipe.retrieve(args.volume, texts), start=1):
         print(f"{rank:>3}  {score:.3f}  {texts[index][:100]}")
 

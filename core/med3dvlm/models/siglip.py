@@ -98,13 +98,9 @@ class SigLIPModel(nn.Module):
     def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> dict:
         """Returns ``loss`` and ``logits`` (B images x B texts, t <x_i, y_j> + b)."""
         img, txt = self.encode_image(images), self.encode_text(input_ids, attention_mask)
-        scale = self.t_prime.exp()
-        return {
-            "loss": sigmoid_loss(img, txt, scale, self.bias),
-            "logits": scale * img @ txt.T + self.bias,
-        }
+        return {"loss": sigmoid_loss(img, txt, self.t_prime.exp(), self.bias), "logits": self.match_logits(img, txt)}
 
-    @torch.no_grad()
-    def similarity(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Cosine similarities (N images x M texts) for retrieval; rank rows or columns."""
-        return self.encode_image(images) @ self.encode_text(input_ids, attention_mask).T
+    def match_logits(self, image_embeddings: Tensor, text_embeddings: Tensor) -> Tensor:
+        """(N, E) and (M, E) unit embeddings -> (N, M) logits t <x_i, y_j> + b; their sigmoid is the
+        probability of a match the loss trains, so retrieval can score embeddings made in batches."""
+        return self.t_prime.exp() * image_embeddings @ text_embeddings.T + self.bias
