@@ -232,7 +232,7 @@ def add_train_parser(sub) -> None:
     p.add_argument("--lora-rank", type=int, default=None, help="train LoRA adapters of this rank, merged at the end")
     p = stage("demo", "build the demo model from fresh phantoms (about 50 min on 2 CPU cores)", cmd_demo)
     p.add_argument("--work", default="runs/demo-work", help="folder for phantoms and checkpoints")
-    p.add_argument("-n", type=int, help="phantoms for the VLM stage (default: the recipe's 1000; the image tower has 1500 of its own)")
+    p.add_argument("-n", type=int, help="phantoms for the VLM stage (default: the recipe's 4000; the image tower has 1500 of its own)")
     p.add_argument("--seed", type=int, help="phantom and training seed (default: 0)")
     p.add_argument("--probe-gate", type=float,
                    help="image-token probe macro AUC needed before the VLM stage (default 0.95; 0: always go on)")
