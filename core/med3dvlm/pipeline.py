@@ -400,7 +400,6 @@ class Pipeline:
                                          progress=progress)
 
     # ----- retrieval -------------------------------------------------------------------------------
-    @torch.inference_mode()
     def retrieve(self, volume: VolumeLike, texts: Sequence[str]) -> list[tuple[int, float]]:
         """Rank ``texts`` for a volume: ``(index, score)`` best first, score = SigLIP match probability."""
         scores = self.similarities([volume], texts)[0]

@@ -230,7 +230,7 @@ def add_train_parser(sub) -> None:
     p = stage("instruct", "instruction tuning on reports and VQA", cmd_instruct)
     p.add_argument("--model", required=True, help="folder written by `train projector`")
     p.add_argument("--lora-rank", type=int, default=None, help="train LoRA adapters of this rank, merged at the end")
-    p = stage("demo", "build the demo model from fresh phantoms (about 50 min on 2 CPU cores)", cmd_demo)
+    p = stage("demo", "build the demo model from fresh phantoms (well over an hour on 2 CPU cores)", cmd_demo)
     p.add_argument("--work", default="runs/demo-work", help="folder for phantoms and checkpoints")
     p.add_argument("-n", type=int, help="phantoms for the VLM stage (default: the recipe's 4000; the image tower has 1500 of its own)")
     p.add_argument("--seed", type=int, help="phantom and training seed (default: 0)")
