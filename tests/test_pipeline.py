@@ -19,10 +19,9 @@ from med3dvlm.pipeline import ContextWarning, _friendly_oom
 from med3dvlm.resources import demo_model_dir, sample_path
 
 SAMPLE = sample_path("ct_phantom.nii.gz")
-# Known gap (issue 24): the shipped demo's tower passes the build's probe gate (0.971), but its
-# projector keeps less (0.840) and its language model names 16 % of the findings of unseen
-# phantoms, so it misses the sample's. These tests state what it must do; strict, so that they
-# fail loudly (XPASS) once a retrained demo model passes.
+# Known gap (issue 24): the shipped demo answers "Which organ contains the ...?" for 87 % of 100
+# unseen phantoms (seed 12345) but for 24 of the 31 these 40 phantoms ask (0.77). The test states
+# what it must do; strict, so that it fails loudly (XPASS) once a retrained demo model passes.
 NOT_YET_ACCURATE = pytest.mark.xfail(strict=True, reason="the demo's language model does not yet read its tokens (issue 24)")
 
 
@@ -86,7 +85,8 @@ def test_closed_phase_questions_on_fresh_phantoms(pipe):
 
 @NOT_YET_ACCURATE
 def test_closed_organ_questions_on_fresh_phantoms(pipe):
-    assert _closed_accuracy(pipe, lambda q: q["question"].startswith("Which organ"), range(650_000, 650_012)) >= 0.8
+    # 40 phantoms: one in three has a kind found once (the question's condition); 12 asked it 5 times
+    assert _closed_accuracy(pipe, lambda q: q["question"].startswith("Which organ"), range(650_000, 650_040)) >= 0.8
 
 
 def test_follow_up_question_does_not_run_the_encoder_again(pipe, phantom):

@@ -64,7 +64,10 @@ def test_demo_over_http_answers_as_in_process(demo_server):
     assert "".join(client.stream_ask(CT, "Is there an abnormality?")) == local.ask(CT, "Is there an abnormality?")
     remote_scores, local_scores = client.detect(MR), local.detect(MR)
     assert remote_scores.keys() == local_scores.keys()
-    assert [remote_scores[k] for k in remote_scores.keys()] == pytest.approx([local_scores[k] for k in local_scores.keys()])
+    # float32 sums over another thread split differ in the last bits: a logit near -13 moves its
+    # probability (2e-6) by a relative 2e-6, far below the 3 decimals the scores are shown with
+    assert [remote_scores[k] for k in remote_scores.keys()] == pytest.approx(
+        [local_scores[k] for k in local_scores.keys()], abs=1e-6)
     texts = ["No acute abnormality.", "A cyst in the liver.", "Fluid in the left lung."]
     assert [i for i, _ in client.retrieve(CT, texts)] == [i for i, _ in local.retrieve(CT, texts)]
     info = client.info()

@@ -107,7 +107,10 @@ class DemoRecipe:
     oracle_reports: dict = field(default_factory=lambda: {"epochs": 1, "max_steps": 2000, "batch_size": 32, "lr": 2e-3,
                                                           "weight_decay": 0.0, "warmup_steps": 100})
     oracle_report_weight: int = 1     # extra copies of the report and list examples in the whole mixture
-    oracle_vlm: dict = field(default_factory=lambda: {"epochs": 1, "max_steps": 1500, "batch_size": 32, "lr": 2e-3,
+    # The whole mixture is ~563,000 examples: 1,500 steps of 32 saw 8.5 % of it, the loss still falling.
+    # Continued 3,000 steps (lr 1e-3), the gate on 150 unseen phantoms went closed VQA 0.834 -> 0.894,
+    # invented 0.073 -> 0.013, "Where in the ...?" 0.43 -> 0.81, recall 1.000 kept (December 2026).
+    oracle_vlm: dict = field(default_factory=lambda: {"epochs": 1, "max_steps": 6000, "batch_size": 32, "lr": 2e-3,
                                                       "weight_decay": 0.0, "warmup_steps": 100})
     # At 30 epochs and lr 1e-3 the projector underfit the oracle layout (train and unseen MSE alike 0.005):
     # the oracle-stage LM read its tokens of 60 gate phantoms with report recall 0.10, closed VQA 0.54;
