@@ -158,5 +158,5 @@ def test_segmenter_learns_what_a_cell_holds(examples):
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
