@@ -19,7 +19,8 @@ from med3dvlm.readers import read_volume
 from med3dvlm.train.demo import DemoRecipe, train_demo
 from med3dvlm.train.oracle import LanguageGate
 from med3dvlm.train.vlm_more import more_vlm
-from med3dvlm.train.volumes import cached_pixels
+from med3dvlm.models.dcformer import DCFormer, DCFormerConfig
+from med3dvlm.train.volumes import cached_encoder_features, cached_pixels, encoder_features
 
 ROOT = Path(__file__).resolve().parents[1]
 OPEN_GATE = LanguageGate(recall=0.0, invented=1.0, closed_vqa=0.0, n_phantoms=4)
@@ -112,6 +113,24 @@ def test_pixel_cache_survives_a_moved_work_folder_and_fills_only_what_it_lacks(c
     grown = cached_pixels(moved / "pixels-demo.pt", [p.replace(str(work), str(moved)) for p in images[:5]], DEMO,
                           progress=False)
     assert len(grown) == 5 and len(torch.load(moved / "pixels-demo.pt", weights_only=True)) == 5
+
+
+def test_encoder_features_are_cached_per_encoder_weights(tmp_path):
+    torch.manual_seed(0)
+    encoder = DCFormer(DCFormerConfig.preset("nano", input_size=(16, 32, 32))).eval()
+    pixels = {str(tmp_path / f"v{i}.nii.gz"): torch.randn(1, 16, 32, 32).half() for i in range(3)}
+    first = cached_encoder_features(tmp_path, encoder, pixels, progress=False)
+    direct = encoder_features(encoder, pixels, progress=False)
+    assert all(torch.equal(first[k][j], direct[k][j]) for k in pixels for j in (0, 1))
+    [cache] = tmp_path.glob("features-*.pt")
+    stamp = cache.stat().st_mtime_ns
+    again = cached_encoder_features(tmp_path, encoder, pixels, progress=False)
+    assert cache.stat().st_mtime_ns == stamp and torch.equal(again[next(iter(pixels))][1], direct[next(iter(pixels))][1])
+    with torch.no_grad():  # another tower (a segmenter trained on): its own features, the old file gone
+        next(encoder.parameters()).add_(1.0)
+    changed = cached_encoder_features(tmp_path, encoder, pixels, progress=False)
+    [replaced] = tmp_path.glob("features-*.pt")
+    assert replaced != cache and not torch.equal(changed[next(iter(pixels))][1], direct[next(iter(pixels))][1])
 
 
 def test_stage_commands_chain_siglip_projector_instruct(ct_dataset, tmp_path, capsys):

@@ -58,7 +58,7 @@ from .lesion_crops import segmenter_phantoms, train_segmenter
 from .oracle import LanguageGate, case_features, language_gate, oracle_features
 from .stages import align_projector, build_vlm, siglip_stage, vlm_stage
 from .truths import CaseTruth, is_reading, is_report, sample_cases, truth_examples
-from .volumes import cached_pixels, encoder_features
+from .volumes import cached_encoder_features, cached_pixels
 
 
 @dataclass
@@ -273,7 +273,7 @@ def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | N
     segmenter, curve = _segmenter_stage(recipe, work, resume, progress, log)
     lap("finding segmenter")
     siglip = with_evidence(siglip, segmenter).to(next(segmenter.parameters()).device)
-    features = encoder_features(siglip.vision_encoder, pixels, progress=progress)
+    features = cached_encoder_features(work, siglip.vision_encoder, pixels, progress=progress)
     refit_retrieval(siglip, {k: f[1].float().mean(0) for k, f in features.items()},
                     [(str(c.image_path), c.text) for c in reports], tokenizer,
                     _train_config(recipe, work / "retrieval", progress, recipe.retrieval))

@@ -20,7 +20,7 @@ from ..loading import SIGLIP_FOLDER, load_bundle, save_bundle
 from ..preprocess import PRESETS
 from .config import TrainConfig
 from .demo import DemoRecipe, instruction_examples, last_stage, read_shards, write_shards
-from .volumes import cached_pixels, encoder_features
+from .volumes import cached_encoder_features, cached_pixels
 
 
 def more_vlm(out_dir: str | Path, work_dir: str | Path, resume: str | Path, recipe: DemoRecipe | None = None,
@@ -39,7 +39,7 @@ def more_vlm(out_dir: str | Path, work_dir: str | Path, resume: str | Path, reci
     images = sorted({str(c.image_path) for c in caps})
     pixels = cached_pixels(work / f"pixels-{recipe.preset}.pt", images, PRESETS[recipe.preset], progress=progress)
     model.vision_tower.eval()
-    features = encoder_features(model.vision_tower, pixels, progress=progress)
+    features = cached_encoder_features(work, model.vision_tower, pixels, progress=progress)
     folder = work / "vlm-more"
     shutil.rmtree(folder, ignore_errors=True)   # a stopped run starts over: it is minutes, not hours
     # seed + 1: another batch order than the build's own epoch
