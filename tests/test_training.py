@@ -14,12 +14,12 @@ from safetensors.torch import load_file
 
 import med3dvlm
 from med3dvlm.cli import main
+from med3dvlm.models.dcformer import DCFormer, DCFormerConfig
 from med3dvlm.preprocess import DEMO, preprocess
 from med3dvlm.readers import read_volume
 from med3dvlm.train.demo import DemoRecipe, train_demo
 from med3dvlm.train.oracle import LanguageGate
 from med3dvlm.train.vlm_more import more_vlm
-from med3dvlm.models.dcformer import DCFormer, DCFormerConfig
 from med3dvlm.train.volumes import cached_encoder_features, cached_pixels, encoder_features
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -30,18 +30,23 @@ def load_pixels(paths: Iterable[str], config: PreprocessConfig, progress: bool =
 
 def cached_pixels(cache: Path, paths: Iterable[str], config: PreprocessConfig,
                   progress: bool = True) -> dict[str, torch.Tensor]:
-    """``load_pixels`` through a file cache; only volumes the cache lacks are preprocessed.
+    """``load_pixels`` through a file cache; only volumes the cache lacks are preprocessed."""
+    return _through_file(Path(cache), paths, lambda missing: load_pixels(missing, config, progress))
+
+
+def _through_file(cache: Path, paths: Iterable[str], compute) -> dict:
+    """Path -> ``compute``'s value, kept in ``cache``; only paths it lacks are computed.
 
     Keys are stored relative to the cache's folder, so a work folder that is moved, renamed or
-    named by another relative path (``runs/x`` vs ``./runs/x``) still finds its pixels.
+    named by another relative path (``runs/x`` vs ``./runs/x``) still finds its values.
     """
-    cache = Path(cache)
     here = os.path.abspath(cache.parent)
     wanted = {str(p): Path(os.path.relpath(os.path.abspath(p), here)).as_posix() for p in paths}
     stored = torch.load(cache, weights_only=True) if cache.is_file() else {}
     missing = [path for path, key in wanted.items() if key not in stored]
     if missing:
-        stored.update({wanted[path]: pixels for path, pixels in load_pixels(missing, config, progress).items()})
+        stored.update({wanted[path]: value for path, value in compute(missing).items()})
+        cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save({key: stored[key] for key in wanted.values()}, cache)
     return {path: stored[key] for path, key in wanted.items()}
 
@@ -65,26 +70,19 @@ def encoder_features(encoder, pixels: dict[str, torch.Tensor], batch_size: int =
 
 def cached_encoder_features(folder: Path, encoder, pixels: dict[str, torch.Tensor],
                             progress: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``encoder_features`` through a file named by the encoder's weights, so that a rerun of the
-    stages after it (the demo's last two: 12 minutes) does not encode 4,150 volumes again (20 minutes on
-    2 cores); another encoder's file is replaced. Keys are relative to ``folder``, as in ``cached_pixels``."""
+    """``encoder_features`` through a file in ``folder`` named by the encoder's weights, so that a rerun
+    of the stages after it (the demo's last two: 12 minutes) does not encode 4,150 volumes again (20
+    minutes on 2 cores); another encoder's file is removed."""
     digest = hashlib.blake2b(digest_size=8)
     for name, tensor in encoder.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    folder = Path(folder)
-    cache = folder / f"features-{digest.hexdigest()}.pt"
-    here = os.path.abspath(folder)
-    wanted = {path: Path(os.path.relpath(os.path.abspath(path), here)).as_posix() for path in pixels}
-    stored = torch.load(cache, weights_only=True) if cache.is_file() else {}
-    missing = {path: pixels[path] for path, key in wanted.items() if key not in stored}
-    if missing:
-        stored.update({wanted[path]: f for path, f in encoder_features(encoder, missing, progress=progress).items()})
-        for old in folder.glob("features-*.pt"):
-            old.unlink()
-        folder.mkdir(parents=True, exist_ok=True)
-        torch.save({key: stored[key] for key in wanted.values()}, cache)
-    return {path: stored[key] for path, key in wanted.items()}
+    cache = Path(folder) / f"features-{digest.hexdigest()}.pt"
+    for stale in cache.parent.glob("features-*.pt"):
+        if stale != cache:
+            stale.unlink()
+    return _through_file(cache, pixels, lambda missing: encoder_features(
+        encoder, {path: pixels[path] for path in missing}, progress=progress))
 
 
 class ImageTextDataset(Dataset):
