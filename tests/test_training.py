@@ -76,10 +76,12 @@ def test_gpu_script_dry_run_builds_a_loadable_demo_and_python_resumes_it(tmp_pat
     assert json.loads((tmp_path / "model-more" / "recipe.json").read_text())["vlm_more"] == [record]
     assert med3dvlm.load(tmp_path / "model-more", device="cpu").retrieval is not None
 
-    # --resume from the written model in a new work folder: its segmenter goes on, its curve with it
-    again = train_demo(tmp_path / "model-2", tmp_path / "work-2", tiny_recipe(), progress=False,
+    # --resume from the written model in a new work folder: its segmenter goes on, its curve with it;
+    # this build's last stage reads cross-fitted tokens: one projector per fold, then one on all
+    again = train_demo(tmp_path / "model-2", tmp_path / "work-2", tiny_recipe(cross_fit_folds=2), progress=False,
                        resume=tmp_path / "model")
     assert [row["steps"] for row in again["segmenter_curve"]] == [3, 6]
+    assert sorted(p.name for p in (tmp_path / "work-2" / "projector").glob("fold-*")) == ["fold-0", "fold-1"]
     assert again["resumed_from"] == str(tmp_path / "model")
     assert (tmp_path / "model-2" / "tokenizer.json").read_text() == (tmp_path / "model" / "tokenizer.json").read_text()
 

@@ -10,7 +10,7 @@ from med3dvlm.tokenizer import train_tokenizer
 from med3dvlm.train.config import TrainConfig
 from med3dvlm.train.demo import read_shards, reworded_reports
 from med3dvlm.train.examples import Example
-from med3dvlm.train.stages import build_vlm, vlm_stage
+from med3dvlm.train.stages import align_projector, build_vlm, cross_fitted_tokens, vlm_stage
 
 QUESTION = "Which side is the lesion on?"
 
@@ -69,3 +69,41 @@ def test_reworded_reports_state_the_same_findings_in_other_words(ct_dataset):
         assert all(phase in t.lower() for t in texts)
     assert sum(t != item.text for item in written for t in by_image[item.image_path]) >= len(written)
     assert [r.text for r in reworded_reports([ct_dataset], copies=2, seed=0)] == [r.text for r in reworded]
+
+
+def test_cross_fitted_tokens_show_the_projector_s_error_on_volumes_it_never_saw(tmp_path):
+    """Targets that the features predict only in part: the projector aligned on all volumes fits their
+    tokens closer than it fits unseen ones; cross-fitted tokens carry the unseen error, and the
+    projector is left as it was."""
+    torch.manual_seed(0)
+    tokenizer = train_tokenizer(["left right"] * 20, vocab_size=300)
+    vision = DCFormerConfig.preset("nano", (16, 32, 32))
+    lm = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                     tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = build_vlm(tokenizer, vision, lm, "demo", prompt_style="exact", low_output_size=(2, 2), high_output_size=(2, 2))
+    g = torch.Generator().manual_seed(1)
+    n, shape = 48, (model.config.num_image_tokens, 32)
+    signal = torch.randn(*shape, generator=g)
+    features = {f"v{i}": _features(i % 2, g) for i in range(n)}
+    # a side signal the features carry, and noise of each volume's own that they cannot predict
+    targets = {k: (1 if i % 2 else -1) * signal + torch.randn(*shape, generator=g) for i, k in enumerate(features)}
+    before = {k: v.clone() for k, v in model.mm_projector.state_dict().items()}
+    config = TrainConfig(output_dir=str(tmp_path), epochs=40, batch_size=8, lr=3e-3, warmup_steps=2, progress=False)
+
+    crossed = cross_fitted_tokens(model, features, targets, config, folds=4)
+
+    assert set(crossed) == set(features)
+    assert all(torch.equal(v, model.mm_projector.state_dict()[k]) for k, v in before.items())
+    align_projector(model, features, targets, config)
+    model.eval()
+    with torch.no_grad():
+        own = {k: model.mm_projector(f[0][None], f[1][None])[0] for k, f in features.items()}
+
+    def mse(tokens):
+        return sum(torch.nn.functional.mse_loss(tokens[k], targets[k]).item() for k in features) / n
+
+    assert mse(own) < 0.9 * mse(crossed)       # the projector fits its own volumes' noise
+    # and the cross-fitted tokens still carry the side that the features say, nearly always
+    sides = [((crossed[k] * signal).sum() > 0) == (i % 2 == 1) for i, k in enumerate(features)]
+    assert sum(sides) >= 0.9 * n

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from transformers import AutoTokenizer, Qwen2Config
+from transformers import Qwen2Config
 
 from ..checkpoints import WEIGHTS_NAME
 from ..data.lesions import PAIRS
@@ -48,7 +48,7 @@ from ..models.dcformer import DCFormerConfig
 from ..models.findings import FindingSegmenter
 from ..models.text import TextConfig
 from ..preprocess import PRESETS
-from ..tokenizer import train_tokenizer
+from ..tokenizer import load_tokenizer, train_tokenizer
 from .checkpoint import CHECKPOINT_DIR
 from .config import TrainConfig
 from .dense import labels_present, tower_phantoms
@@ -56,7 +56,7 @@ from .evidence_tower import refit_retrieval, towers_without_evidence, with_evide
 from .examples import caption_examples, vqa_examples
 from .lesion_crops import segmenter_phantoms, train_segmenter
 from .oracle import LanguageGate, case_features, language_gate, oracle_features
-from .stages import align_projector, build_vlm, siglip_stage, vlm_stage
+from .stages import align_projector, build_vlm, cross_fitted_tokens, siglip_stage, vlm_stage
 from .truths import CaseTruth, is_reading, is_report, sample_cases, truth_examples
 from .volumes import cached_encoder_features, cached_pixels
 
@@ -111,14 +111,19 @@ class DemoRecipe:
     # Continued 3,000 steps (lr 1e-3), the gate on 150 unseen phantoms went closed VQA 0.834 -> 0.894,
     # invented 0.073 -> 0.013, "Where in the ...?" 0.43 -> 0.81, recall 1.000 kept (December 2026).
     # Built at 6,000: 0.887 / 0.007; continued (lr 1e-3) to 9,000: 0.907 / 0.020, to 12,000: 0.921 / 0.013.
-    oracle_vlm: dict = field(default_factory=lambda: {"epochs": 1, "max_steps": 6000, "batch_size": 32, "lr": 2e-3,
-                                                      "weight_decay": 0.0, "warmup_steps": 100})
+    # 9,000 steps are ~1 hour on 2 cores (2.6 steps/s); a checkpoint every 1,000 lets a stopped build resume.
+    oracle_vlm: dict = field(default_factory=lambda: {"epochs": 1, "max_steps": 9000, "batch_size": 32, "lr": 2e-3,
+                                                      "weight_decay": 0.0, "warmup_steps": 100, "save_every": 1000})
     # At 30 epochs and lr 1e-3 the projector underfit the oracle layout (train and unseen MSE alike 0.005):
     # the oracle-stage LM read its tokens of 60 gate phantoms with report recall 0.10, closed VQA 0.54;
     # at 60 epochs and 3e-3, 0.61 and 0.71 (runs of December 2026). On 4,000 phantoms, 20 epochs: presence
     # on the gate phantoms (see n_phantoms) 0.965 / 0.980 / 0.944 / 0.906 after 10 / 20 / 30 / 60 epochs.
     projector_alignment: dict = field(default_factory=lambda: {"epochs": 20, "batch_size": 32, "lr": 3e-3,
                                                                "warmup_steps": 20})
+    # > 1: the last stage's LM reads each training volume's tokens from a projector aligned without it
+    # (``cross_fitted_tokens``), the projector's errors on unseen volumes, with the projector aligned on
+    # all of them kept as it is; 0: projector and LM train together on the projector's own tokens.
+    cross_fit_folds: int = 0
     vlm: dict = field(default_factory=lambda: {"epochs": 1, "batch_size": 32, "lr": 5e-4,
                                                "weight_decay": 0.0, "warmup_steps": 30})
     # ``train demo --resume MODEL --more-vlm``: that stage continued on a built model (``vlm_more``)
@@ -225,7 +230,7 @@ def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | N
     lap("phantoms")
 
     # 1. The language stage, proven on oracle tokens before any tower is trusted.
-    tokenizer = AutoTokenizer.from_pretrained(str(resume)) if resume else train_tokenizer(
+    tokenizer = load_tokenizer(resume) if resume else train_tokenizer(
         [c.text for c in caps] + [f"{q.question} {' '.join(q.choices)} {q.answer}" for q in vqas],
         vocab_size=recipe.vocab_size)
     vision = DCFormerConfig.preset("nano", input_size=PRESETS[recipe.preset].shape)
@@ -291,13 +296,16 @@ def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | N
             f"train the segmenter longer with --resume).")
 
     # 3. The whole: the projector learns to give the oracle's layout from the tower's tokens, then
-    #    projector and the language model of step 1 learn together on the tower's tokens.
+    #    the language model of step 1 learns on them (with the projector, or cross-fitted: see the recipe).
     model.vision_tower.load_state_dict(siglip.vision_encoder.state_dict())
     clean = oracle_features(roots, model.config.num_image_tokens, recipe.lm_width, 0.0, recipe.seed)
-    align_run = align_projector(model, {k: features[k] for k in train_images}, clean,
-                                _train_config(recipe, work / "projector", progress, recipe.projector_alignment))
+    train_features = {k: features[k] for k in train_images}
+    alignment = _train_config(recipe, work / "projector", progress, recipe.projector_alignment)
+    if recipe.cross_fit_folds > 1:
+        train_features = cross_fitted_tokens(model, train_features, clean, alignment, recipe.cross_fit_folds)
+    align_run = align_projector(model, {k: features[k] for k in train_images}, clean, alignment)
     lap("projector alignment")
-    vlm_run = last_stage(model, {k: features[k] for k in train_images}, examples, tokenizer, recipe,
+    vlm_run = last_stage(model, train_features, examples, tokenizer, recipe,
                          _train_config(recipe, work / "vlm", progress, recipe.vlm))
     lap("vlm")
     model.eval()
@@ -328,7 +336,8 @@ def instruction_examples(roots: list[Path], caps: list[CapItem], vqas: list, rec
 
 
 def last_stage(model, features: dict, examples: list, tokenizer, recipe: DemoRecipe, config: TrainConfig):
-    """The build's last stage: projector and language model together on the tower's (cached) tokens."""
+    """The build's last stage: projector and language model together on the tower's (cached) tokens,
+    or the language model alone on image tokens (``cross_fitted_tokens``)."""
     return vlm_stage(model, features, examples, tokenizer, config, train_lm=True, max_length=recipe.lm_context,
                      image_token_centering=recipe.image_token_centering)
 
