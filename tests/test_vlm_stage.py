@@ -26,14 +26,19 @@ def _features(side: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
     return low, high
 
 
+def _tiny_vlm(text: str, width: int, layers: int, heads: int, grid: tuple[int, int]):
+    """A tokenizer of ``text`` and a VLM on a nano encoder of 16x32x32 with a small LM."""
+    tokenizer = train_tokenizer([text] * 20, vocab_size=300)
+    lm = Qwen2Config(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                     num_attention_heads=heads, num_key_value_heads=heads // 2, max_position_embeddings=64,
+                     tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer, build_vlm(tokenizer, DCFormerConfig.preset("nano", (16, 32, 32)), lm, "demo", prompt_style="exact",
+                                low_output_size=grid, high_output_size=grid)
+
+
 def test_centred_image_tokens_carry_the_answer(tmp_path):
     torch.manual_seed(0)
-    tokenizer = train_tokenizer([f"{QUESTION} left right"] * 20, vocab_size=300)
-    vision = DCFormerConfig.preset("nano", (16, 32, 32))
-    lm = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                     tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model = build_vlm(tokenizer, vision, lm, "demo", prompt_style="exact", low_output_size=(4, 4), high_output_size=(4, 4))
+    tokenizer, model = _tiny_vlm(f"{QUESTION} left right", width=64, layers=2, heads=4, grid=(4, 4))
     g = torch.Generator().manual_seed(1)
     features = {f"v{i}": _features(i % 2, g) for i in range(64)}
     prompt = vqa_prompt(model.config.num_image_tokens, QUESTION)
@@ -76,12 +81,7 @@ def test_cross_fitted_tokens_show_the_projector_s_error_on_volumes_it_never_saw(
     tokens closer than it fits unseen ones; cross-fitted tokens carry the unseen error, and the
     projector is left as it was."""
     torch.manual_seed(0)
-    tokenizer = train_tokenizer(["left right"] * 20, vocab_size=300)
-    vision = DCFormerConfig.preset("nano", (16, 32, 32))
-    lm = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                     tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model = build_vlm(tokenizer, vision, lm, "demo", prompt_style="exact", low_output_size=(2, 2), high_output_size=(2, 2))
+    _, model = _tiny_vlm("left right", width=32, layers=1, heads=2, grid=(2, 2))
     g = torch.Generator().manual_seed(1)
     n, shape = 48, (model.config.num_image_tokens, 32)
     signal = torch.randn(*shape, generator=g)

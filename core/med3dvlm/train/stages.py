@@ -135,8 +135,9 @@ def cross_fitted_tokens(model: Med3DVLM, features: dict, targets: dict[str, torc
     tokens: dict[str, torch.Tensor] = {}
     for fold in range(folds):
         held = keys[fold::folds]
+        seen = set(held)
         model.mm_projector.load_state_dict(start)
-        align_projector(model, {k: features[k] for k in keys if k not in set(held)}, targets,
+        align_projector(model, {k: features[k] for k in keys if k not in seen}, targets,
                         dataclasses.replace(config, output_dir=f"{config.output_dir}/fold-{fold}"))
         model.mm_projector.eval()
         with torch.inference_mode():
