@@ -69,6 +69,9 @@ def test_phantom_evaluation_json_says_what_produced_it(ct_dataset, tmp_path):
     assert sum(q["n"] * q["accuracy"] for q in by_question.values()) == pytest.approx(
         results["closed_vqa_accuracy"] * results["closed_vqa_questions"], abs=0.01)
     assert not any(organ in template for template in by_question for organ in ("liver", "spleen", "left kidney"))
+    # the findings missed by pair add up to those the recall did not find
+    missed = sum(e["missed"] for e in results["report_errors_by_pair"].values())
+    assert missed == round(results["report_findings"] * (1 - results["report_recall"]))
 
 
 def test_evaluation_writes_more_phantoms_when_asked_for_more_than_its_folder_holds(tmp_path):

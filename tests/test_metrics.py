@@ -208,3 +208,18 @@ def test_binary_and_multilabel_reports():
     full = multilabel_report(y, s, thresholds=[0.5, 0.5], class_names=["mass", "cyst"])
     assert full["mass"]["accuracy"] == 1.0 and full["cyst"]["sensitivity"] == 0.5
     assert full["macro"]["accuracy"] == pytest.approx((1.0 + 0.75) / 2)
+
+
+def test_report_errors_by_pair_tells_confusions_from_findings_out_of_nowhere():
+    from med3dvlm.eval.phantom_eval import report_errors_by_pair
+
+    truths = [{("liver", "cyst")}, {("spleen", "mass")}, set(), {("liver", "cyst")}]
+    said = [{("liver", "mass")},                       # the liver's cyst read as a mass: a confusion
+            {("spleen", "mass"), ("left kidney", "calcification")},  # right, plus one from nowhere
+            {("liver", "mass")},                       # from nowhere
+            {("liver", "cyst")}]                       # right
+    errors = report_errors_by_pair(truths, said)
+    assert errors == {"liver/mass": {"missed": 0, "invented": 2, "in_place_of": 1},
+                      "liver/cyst": {"missed": 1, "invented": 0, "in_place_of": 0},
+                      "left kidney/calcification": {"missed": 0, "invented": 1, "in_place_of": 0}}
+    assert list(errors)[0] == "liver/mass"  # the pair with the most errors first

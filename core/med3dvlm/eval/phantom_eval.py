@@ -4,7 +4,8 @@
   per question (``closed_vqa_by_question``: organ and abnormality names replaced by placeholders);
 - retrieval: image-to-report and report-to-image R@1/R@5 among ``n`` volumes (SigLIP towers);
 - reports: recall = share of true (organ, abnormality) findings the generated report states;
-  false mentions = share of stated findings that are not in the ground truth;
+  false mentions = share of stated findings that are not in the ground truth; per organ x kind,
+  the findings missed and invented (``report_errors_by_pair``);
 - image-token probe (with ``probe_fit``): a linear probe on the projector's image tokens, fitted on
   other phantoms, tells organ x kind on these (``eval.probe``; macro AUC).
 Findings are read from reports with ``data.reports.mentioned_findings``, the parser the phantom
@@ -91,22 +92,34 @@ def evaluate_phantoms(pipe, data_root: str | Path, split: str = "train", n: int 
     bar = tqdm(total=len(caps), desc="reports", disable=not progress)
     reports = pipe.report_batch([c.image_path for c in caps], batch_size=8, progress=bar.update)
     bar.close()
-    true_total = hits = stated = false = 0
-    for cap, report in zip(caps, reports):
-        truth, said = truths[str(cap.image_path)], mentioned_findings(report)
-        true_total += len(truth)
-        hits += len(truth & said)
-        stated += len(said)
-        false += len(said - truth)
-    results.update({"report_findings": true_total, "report_recall": hits / max(true_total, 1),
-                    "report_false_mention_rate": false / max(stated, 1),
-                    "reports_with_invented_finding": float(np.mean(
-                        [bool(mentioned_findings(r) - truths[str(c.image_path)]) for c, r in zip(caps, reports)])),
+    said = [mentioned_findings(report) for report in reports]
+    truth = [truths[str(cap.image_path)] for cap in caps]
+    true_total, stated = sum(map(len, truth)), sum(map(len, said))
+    results.update({"report_findings": true_total,
+                    "report_recall": sum(len(t & s) for t, s in zip(truth, said)) / max(true_total, 1),
+                    "report_false_mention_rate": sum(len(s - t) for t, s in zip(truth, said)) / max(stated, 1),
+                    "reports_with_invented_finding": float(np.mean([bool(s - t) for t, s in zip(truth, said)])),
+                    "report_errors_by_pair": report_errors_by_pair(truth, said),
                     "example_report": reports[0]})
     if probe_fit is not None:
         probe = token_probe(pipe, Path(probe_fit), probe_fit_n, [str(c.image_path) for c in caps], truths)
         results.update({"token_probe_macro_auc": probe["macro_auc"], "token_probe_pairs": probe["labels_scored"]})
     return results
+
+
+def report_errors_by_pair(truths: list[set], said: list[set]) -> dict[str, dict[str, int]]:
+    """Per organ x kind, over the reports: "missed" (true, not stated), "invented" (stated, not true)
+    and, of the inventions, "in_place_of" (the report missed a true finding of the same organ or the
+    same kind: a confusion, not a finding from nowhere). Only pairs with an error are listed."""
+    errors = defaultdict(lambda: {"missed": 0, "invented": 0, "in_place_of": 0})
+    for truth, stated in zip(truths, said):
+        missed = truth - stated
+        for organ, kind in missed:
+            errors[f"{organ}/{kind}"]["missed"] += 1
+        for organ, kind in stated - truth:
+            errors[f"{organ}/{kind}"]["invented"] += 1
+            errors[f"{organ}/{kind}"]["in_place_of"] += any(o == organ or k == kind for o, k in missed)
+    return {pair: errors[pair] for pair in sorted(errors, key=lambda p: -sum(errors[p].values()))}
 
 
 def summary_text(results: dict) -> str:
@@ -115,6 +128,9 @@ def summary_text(results: dict) -> str:
     for key, value in results.items():
         if key == "closed_vqa_by_question":
             lines += [key] + [f"  {template:58s} {score['accuracy']:.3f} of {score['n']}" for template, score in value.items()]
+        elif key == "report_errors_by_pair":
+            lines += [f"{key}  (missed / invented / of those, in place of a missed finding of its organ or kind)"]
+            lines += [f"  {pair:58s} {e['missed']:3d} {e['invented']:3d} {e['in_place_of']:3d}" for pair, e in value.items()]
         elif key not in ("provenance", "example_report"):
             lines.append(f"{key:32s} {value:.4f}" if isinstance(value, float) else f"{key:32s} {value}")
     return "\n".join(lines) + f"\n\nexample report:\n{results['example_report']}"
