@@ -68,11 +68,22 @@ def test_gpu_script_dry_run_builds_a_loadable_demo_and_python_resumes_it(tmp_pat
                  str(tmp_path / "model"), "--more-vlm"]) == 2   # never over the model it continues
     assert main(["train", "demo", "--out", str(tmp_path / "x"), "--more-vlm"]) == 2   # and only a built one
     assert "name it with --resume" in capsys.readouterr().err
+    # (--realign: a fresh projector first, aligned on the VLM's 12 phantoms and 4 of its own)
     record = more_vlm(tmp_path / "model-more", tmp_path / "work", tmp_path / "model",
-                      tiny_recipe(vlm_more={"epochs": 1, "batch_size": 16, "lr": 1e-3}), progress=False)
+                      tiny_recipe(vlm_more={"epochs": 1, "batch_size": 16, "lr": 1e-3}, alignment_phantoms=4),
+                      progress=False, realign=True)
     before, after = (load_file(str(tmp_path / m / "model.safetensors")) for m in ("model", "model-more"))
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("vision_tower."))
     assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith("language_model."))
+    assert record["projector_realigned_on"] == 16 and len(list((tmp_path / "work").glob("align-phantoms-*"))) == 2
+    # --realign alone: a new projector, the language model as it was
+    (tmp_path / "align.json").write_text(json.dumps({**recipe, "alignment_phantoms": 4}))
+    assert main(["train", "demo", "--out", str(tmp_path / "model-aligned"), "--work", str(tmp_path / "work"), "--resume",
+                 str(tmp_path / "model"), "--realign", "--recipe", str(tmp_path / "align.json")]) == 0
+    assert "a projector aligned afresh on 16 phantoms" in capsys.readouterr().out
+    aligned = load_file(str(tmp_path / "model-aligned" / "model.safetensors"))
+    assert all(torch.equal(before[k], aligned[k]) for k in before if not k.startswith("mm_projector."))
+    assert not all(torch.equal(before[k], aligned[k]) for k in before if k.startswith("mm_projector."))
     assert json.loads((tmp_path / "model-more" / "recipe.json").read_text())["vlm_more"] == [record]
     assert med3dvlm.load(tmp_path / "model-more", device="cpu").retrieval is not None
 

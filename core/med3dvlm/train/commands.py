@@ -142,14 +142,19 @@ def cmd_demo(args) -> None:
     recipe = dataclasses.replace(recipe, **{k: v for k, v in given.items() if v is not None})
     if args.segmenter_rounds is not None:
         recipe.segmenter["rounds"] = args.segmenter_rounds
-    if args.more_vlm:
+    if args.more_vlm or args.realign:
         from .vlm_more import more_vlm
 
         if not args.resume:
-            raise Med3DVLMError("--more-vlm continues a built model: name it with --resume (e.g. --resume demo).")
-        record = more_vlm(args.out, args.work, _demo_folder(args.resume), recipe)
-        print(f"Demo model written to {args.out}: {record['options']['epochs']} more epochs of its last stage in "
-              f"{record['seconds']:.0f} s (loss {record['vlm_loss'][0]:.3f} -> {record['vlm_loss'][1]:.3f}); "
+            raise Med3DVLMError("--more-vlm and --realign continue a built model: name it with --resume "
+                                "(e.g. --resume demo).")
+        record = more_vlm(args.out, args.work, _demo_folder(args.resume), recipe, realign=args.realign,
+                          more=args.more_vlm)
+        done = [f"a projector aligned afresh on {record['projector_realigned_on']} phantoms"] if args.realign else []
+        if args.more_vlm:
+            done.append(f"{record['options']['epochs']} more epochs of its last stage (loss "
+                        f"{record['vlm_loss'][0]:.3f} -> {record['vlm_loss'][1]:.3f})")
+        print(f"Demo model written to {args.out} in {record['seconds']:.0f} s: {' and '.join(done)}; "
               f"evaluate it with: med3dvlm evaluate --model {args.out}")
         return
     summary = train_demo(args.out, args.work, recipe, resume=_demo_folder(args.resume))
@@ -247,6 +252,9 @@ def add_train_parser(sub) -> None:
     p.add_argument("--more-vlm", action="store_true",
                    help="with --resume: only continue that model's last stage (projector + language model on "
                         "the tower's tokens) for the recipe's vlm_more epochs")
+    p.add_argument("--realign", action="store_true",
+                   help="with --resume: align a fresh projector to the oracle layout on the VLM's phantoms and the "
+                        "recipe's alignment_phantoms (before --more-vlm's epochs, if given)")
     p = stage("medmap", "MedMAP on MedMoM-layout MRI data: modality-aware pre-training, fine-tuning with the "
                         "text tower frozen, validation thresholds (options: key=value for both stages, "
                         "pretrain.key=value / finetune.key=value for one; resume=true continues)", cmd_medmap)

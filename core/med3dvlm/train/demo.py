@@ -13,8 +13,9 @@ gates that each prove one thing and stop the build loudly when they fail.
    (``lesion_crops``, scored on the gate phantoms after every round: the learning curve). Joined
    (``evidence_tower``), every deep token carries the organ x kind probabilities of its cell; the
    retrieval towers are fitted again (a fresh text tower); the probe gate asks a linear probe on the tokens.
-4. The whole: the projector is aligned to the oracle layout, then projector and the language
-   model of step 2 train together on the tower's tokens.
+4. The whole: the projector is aligned to the oracle layout (on the VLM's phantoms and, with
+   ``alignment_phantoms``, more of its own), then projector and the language model of step 2 train
+   together on the tower's tokens.
 Output: a model bundle with its retrieval towers in ``siglip/`` and ``recipe.json`` (the recipe,
 gates, learning curve, timings and CPU seconds). ``resume`` starts from a demo model folder: its
 tokenizer and towers are kept and its segmenter trains on; the oracle stage and the segmenter
@@ -120,6 +121,9 @@ class DemoRecipe:
     # on the gate phantoms (see n_phantoms) 0.965 / 0.980 / 0.944 / 0.906 after 10 / 20 / 30 / 60 epochs.
     projector_alignment: dict = field(default_factory=lambda: {"epochs": 20, "batch_size": 32, "lr": 3e-3,
                                                                "warmup_steps": 20})
+    # Phantoms beside the VLM's that the projector alone is aligned on (no reports, no LM steps): the
+    # alignment needs only a volume's tokens and its truth, and fits what it is given by its noise.
+    alignment_phantoms: int = 0
     # > 1: the last stage's LM reads each training volume's tokens from a projector aligned without it
     # (``cross_fitted_tokens``), the projector's errors on unseen volumes, with the projector aligned on
     # all of them kept as it is; 0: projector and LM train together on the projector's own tokens.
@@ -150,9 +154,11 @@ def _shard(args) -> str:
     return root
 
 
-def write_shards(work: Path, n: int, seed: int, shards: int = 2) -> list[Path]:
+def write_shards(work: Path, n: int, seed: int, shards: int = 2, name: str = "phantoms", base: int = 0) -> list[Path]:
+    """``n`` VLM phantoms in ``shards`` folders ``work/name-i``, written in parallel; shard i's seed is
+    ``base + seed * shards + i``."""
     sizes = [n // shards + (i < n % shards) for i in range(shards)]
-    jobs = [(str(work / f"phantoms-{i}"), size, seed * shards + i) for i, size in enumerate(sizes) if size]
+    jobs = [(str(work / f"{name}-{i}"), size, base + seed * shards + i) for i, size in enumerate(sizes) if size]
     if all(written_cases(root, shard_seed) == size for root, size, shard_seed in jobs):
         return [Path(root) for root, _, _ in jobs]  # a rerun in the same work folder reuses them
     with ProcessPoolExecutor(len(jobs)) as pool:
@@ -162,6 +168,7 @@ def write_shards(work: Path, n: int, seed: int, shards: int = 2) -> list[Path]:
 GATE_SEED = 1_000_000   # + recipe seed: the probe gate's phantoms, apart from training and evaluation
 TOWER_SEED = 2_000_000  # + recipe seed: the image tower's phantoms
 TRUTH_SEED = 3_000_000  # + recipe seed: the truths without volumes of the oracle stage
+ALIGN_SEED = 4_000_000  # + recipe seed x 2: the phantoms the projector alone is aligned on
 
 
 class ProbeGateFailed(Med3DVLMError):
@@ -267,6 +274,9 @@ def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | N
     #    segmenter (lesion-centred crops), joined so that each deep token carries organ x kind evidence.
     pixels = cached_pixels(work / f"pixels-{recipe.preset}.pt", [str(c.image_path) for c in caps] + gate_images,
                            PRESETS[recipe.preset], progress=progress)
+    align_roots, align_pixels = alignment_volumes(work, recipe, progress)
+    align_images = list(align_pixels)
+    pixels.update(align_pixels)
     labels = labels_present(roots + [gate_root])
     train_images = sorted({str(c.image_path) for c in caps})
     lap("preprocessing")
@@ -298,12 +308,12 @@ def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | N
     # 3. The whole: the projector learns to give the oracle's layout from the tower's tokens, then
     #    the language model of step 1 learns on them (with the projector, or cross-fitted: see the recipe).
     model.vision_tower.load_state_dict(siglip.vision_encoder.state_dict())
-    clean = oracle_features(roots, model.config.num_image_tokens, recipe.lm_width, 0.0, recipe.seed)
+    clean = oracle_features(roots + align_roots, model.config.num_image_tokens, recipe.lm_width, 0.0, recipe.seed)
     train_features = {k: features[k] for k in train_images}
     alignment = _train_config(recipe, work / "projector", progress, recipe.projector_alignment)
     if recipe.cross_fit_folds > 1:
         train_features = cross_fitted_tokens(model, train_features, clean, alignment, recipe.cross_fit_folds)
-    align_run = align_projector(model, {k: features[k] for k in train_images}, clean, alignment)
+    align_run = align_projector(model, {k: features[k] for k in train_images + align_images}, clean, alignment)
     lap("projector alignment")
     vlm_run = last_stage(model, train_features, examples, tokenizer, recipe,
                          _train_config(recipe, work / "vlm", progress, recipe.vlm))
@@ -325,6 +335,17 @@ def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | N
                "torch": torch.__version__, "threads": torch.get_num_threads()}
     (out / "recipe.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def alignment_volumes(work: Path, recipe: DemoRecipe, progress: bool) -> tuple[list[Path], dict[str, torch.Tensor]]:
+    """The phantoms the projector alone is aligned on (``DemoRecipe.alignment_phantoms``), written if
+    missing: their folders, and image path -> preprocessed volume."""
+    if not recipe.alignment_phantoms:
+        return [], {}
+    roots = write_shards(work, recipe.alignment_phantoms, recipe.seed, name="align-phantoms", base=ALIGN_SEED)
+    images = [str(c.image_path) for root in roots for c in read_cap(root / CAP_JSON, "train")]
+    return roots, cached_pixels(work / f"pixels-align-{recipe.preset}.pt", images, PRESETS[recipe.preset],
+                                progress=progress)
 
 
 def instruction_examples(roots: list[Path], caps: list[CapItem], vqas: list, recipe: DemoRecipe,

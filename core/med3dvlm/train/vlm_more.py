@@ -1,4 +1,5 @@
-"""`med3dvlm train demo --resume MODEL --more-vlm`: more epochs of a built demo model's last stage.
+"""`med3dvlm train demo --resume MODEL --more-vlm / --realign`: more epochs of a built demo model's last
+stage, and a projector aligned afresh on more phantoms.
 
 The demo build's last stage (projector and language model on the tower's tokens) runs one epoch.
 Continued for two more at a lower rate (``DemoRecipe.vlm_more``) from the shipped model of
@@ -15,17 +16,24 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from ..errors import Med3DVLMError
 from ..loading import SIGLIP_FOLDER, load_bundle, save_bundle
+from ..models.projector import MixerProjector
 from ..preprocess import PRESETS
 from .config import TrainConfig
-from .demo import DemoRecipe, instruction_examples, last_stage, read_shards, write_shards
+from .demo import DemoRecipe, alignment_volumes, instruction_examples, last_stage, read_shards, write_shards
+from .oracle import oracle_features
+from .stages import align_projector
 from .volumes import cached_encoder_features, cached_pixels
 
 
 def more_vlm(out_dir: str | Path, work_dir: str | Path, resume: str | Path, recipe: DemoRecipe | None = None,
-             progress: bool = True) -> dict:
-    """Writes ``resume`` with ``recipe.vlm_more`` more of its last stage to ``out_dir``; returns the run's record."""
+             progress: bool = True, realign: bool = False, more: bool = True) -> dict:
+    """Writes ``resume`` to ``out_dir`` with its projector aligned afresh (``realign``: to the oracle layout,
+    on the VLM's phantoms and the recipe's ``alignment_phantoms``, as the build aligns it) and/or with
+    ``recipe.vlm_more`` more of its last stage (``more``); returns the run's record."""
     recipe = recipe or DemoRecipe()
     out, work, resume = Path(out_dir), Path(work_dir), Path(resume)
     if out.resolve() == resume.resolve():
@@ -38,19 +46,35 @@ def more_vlm(out_dir: str | Path, work_dir: str | Path, resume: str | Path, reci
     _, examples = instruction_examples(roots, caps, vqas, recipe, model.config.num_image_tokens)
     images = sorted({str(c.image_path) for c in caps})
     pixels = cached_pixels(work / f"pixels-{recipe.preset}.pt", images, PRESETS[recipe.preset], progress=progress)
+    align_roots, align_pixels = alignment_volumes(work, recipe, progress) if realign else ([], {})
+    align_images = list(align_pixels)
+    pixels.update(align_pixels)
     model.vision_tower.eval()
     features = cached_encoder_features(work, model.vision_tower, pixels, progress=progress)
-    folder = work / "vlm-more"
-    shutil.rmtree(folder, ignore_errors=True)   # a stopped run starts over: it is minutes, not hours
-    # seed + 1: another batch order than the build's own epoch
-    config = TrainConfig(output_dir=str(folder), seed=recipe.seed + 1, progress=progress, **recipe.vlm_more)
-    run = last_stage(model, features, examples, tokenizer, recipe, config)
+    del pixels, align_pixels
+    record = {"from": str(resume), "projector_realigned_on": len(images) + len(align_images) if realign else None}
+    if realign:
+        torch.manual_seed(recipe.seed)
+        model.mm_projector = MixerProjector(model.config.projector_config)
+        oracle = oracle_features(roots + align_roots, model.config.num_image_tokens, model.config.text_config.hidden_size,
+                                 0.0, recipe.seed)
+        aligned = align_projector(model, {k: features[k] for k in images + align_images}, oracle,
+                                  TrainConfig(output_dir=str(work / "projector-more"), seed=recipe.seed,
+                                              progress=progress, **recipe.projector_alignment))
+        record["projector_alignment_loss"] = [aligned.losses[0], aligned.losses[-1]]
+    if more:
+        folder = work / "vlm-more"
+        shutil.rmtree(folder, ignore_errors=True)   # a stopped run starts over: it is minutes, not hours
+        # seed + 1: another batch order than the build's own epoch
+        config = TrainConfig(output_dir=str(folder), seed=recipe.seed + 1, progress=progress, **recipe.vlm_more)
+        run = last_stage(model, {k: features[k] for k in images}, examples, tokenizer, recipe, config)
+        record.update({"options": recipe.vlm_more, "seed": config.seed, "examples": len(examples),
+                       "vlm_loss": [run.losses[0], run.losses[-1]]})
     model.eval()
     save_bundle(out, model.cpu(), tokenizer)
     if (resume / SIGLIP_FOLDER).is_dir():
         shutil.copytree(resume / SIGLIP_FOLDER, out / SIGLIP_FOLDER, dirs_exist_ok=True)
-    record = {"from": str(resume), "options": recipe.vlm_more, "seed": config.seed, "examples": len(examples),
-              "vlm_loss": [run.losses[0], run.losses[-1]], "seconds": round(time.perf_counter() - started, 1)}
+    record["seconds"] = round(time.perf_counter() - started, 1)
     built = resume / "recipe.json"
     summary = json.loads(built.read_text()) if built.is_file() else {}
     summary["vlm_more"] = summary.get("vlm_more", []) + [record]
