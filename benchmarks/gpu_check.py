@@ -154,8 +154,10 @@ def measure(folder: Path, quantization: str | None, device: str, input_size, new
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
     weights_digest(folder)  # hashed once per file version for provenance: not part of the load time
-    load_s, pipe = _timed(lambda: med3dvlm.load(folder, device=device, dtype="bfloat16", quantization=quantization),
-                          dev)
+    # bfloat16 on the GPU; the CPU (--tiny) computes in float32: without native bfloat16 (no AVX512-BF16, e.g.
+    # an AMD EPYC of 2026-12-07) one tiny bfloat16 encode took over 100 s and the CI smoke run timed out.
+    dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    load_s, pipe = _timed(lambda: med3dvlm.load(folder, device=device, dtype=dtype, quantization=quantization), dev)
     rng = np.random.default_rng(0)
     volumes = [Volume(rng.random(input_size[::-1], dtype=np.float32), np.eye(4), modality="CT") for _ in range(3)]
     pipe.encode(volumes[0])  # warm-up: kernels, allocator
@@ -174,7 +176,7 @@ def measure(folder: Path, quantization: str | None, device: str, input_size, new
     generate(4)  # warm-up of the decode path
     one_s, _ = _timed(lambda: generate(1), dev)
     many_s, out = _timed(lambda: generate(new_tokens + 1), dev)
-    result = {"quantization": quantization or "none (bfloat16)", "load_s": load_s, "encode_s": encode_s,
+    result = {"quantization": quantization or "none (bfloat16)", "dtype": dtype, "load_s": load_s, "encode_s": encode_s,
               "ttft_first_s": first_s, "ttft_followup_s": followup_s, "followup_ttft_ratio": followup_s / first_s,
               "decode_tokens": int(out.shape[1]) - 1, "decode_tokens_per_s": new_tokens / max(many_s - one_s, 1e-9),
               "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None}
