@@ -132,16 +132,23 @@ def test_encoder_features_are_cached_per_encoder_weights(tmp_path):
     torch.manual_seed(0)
     encoder = DCFormer(DCFormerConfig.preset("nano", input_size=(16, 32, 32))).eval()
     pixels = {str(tmp_path / f"v{i}.nii.gz"): torch.randn(1, 16, 32, 32).half() for i in range(3)}
-    first = cached_encoder_features(tmp_path, encoder, pixels, progress=False)
+    loads = []
+
+    def load():
+        loads.append(1)
+        return pixels
+
+    first = cached_encoder_features(tmp_path, encoder, list(pixels), load, progress=False)
     direct = encoder_features(encoder, pixels, progress=False)
-    assert all(torch.equal(first[k][j], direct[k][j]) for k in pixels for j in (0, 1))
+    assert all(torch.equal(first[k][j], direct[k][j]) for k in pixels for j in (0, 1)) and len(loads) == 1
     [cache] = tmp_path.glob("features-*.pt")
     stamp = cache.stat().st_mtime_ns
-    again = cached_encoder_features(tmp_path, encoder, pixels, progress=False)
+    again = cached_encoder_features(tmp_path, encoder, list(pixels), load, progress=False)
     assert cache.stat().st_mtime_ns == stamp and torch.equal(again[next(iter(pixels))][1], direct[next(iter(pixels))][1])
+    assert len(loads) == 1  # every feature cached: the volumes are not loaded at all
     with torch.no_grad():  # another tower (a segmenter trained on): its own features, the old file gone
         next(encoder.parameters()).add_(1.0)
-    changed = cached_encoder_features(tmp_path, encoder, pixels, progress=False)
+    changed = cached_encoder_features(tmp_path, encoder, list(pixels), load, progress=False)
     [replaced] = tmp_path.glob("features-*.pt")
     assert replaced != cache and not torch.equal(changed[next(iter(pixels))][1], direct[next(iter(pixels))][1])
 

@@ -272,14 +272,10 @@ def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | N
 
     # 2. The image tower: a DCFormer (whole volumes, sigmoid loss + organ-aware maps) and a finding
     #    segmenter (lesion-centred crops), joined so that each deep token carries organ x kind evidence.
-    pixels = cached_pixels(work / f"pixels-{recipe.preset}.pt", [str(c.image_path) for c in caps] + gate_images,
-                           PRESETS[recipe.preset], progress=progress)
-    align_roots, align_pixels = alignment_volumes(work, recipe, progress)
-    align_images = list(align_pixels)
-    pixels.update(align_pixels)
+    align_roots, align_images = alignment_set(work, recipe)
     labels = labels_present(roots + [gate_root])
     train_images = sorted({str(c.image_path) for c in caps})
-    lap("preprocessing")
+    lap("alignment phantoms")
     if resume:
         siglip = towers_without_evidence(Path(resume) / SIGLIP_FOLDER)
     else:
@@ -288,7 +284,8 @@ def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | N
     segmenter, curve = _segmenter_stage(recipe, work, resume, progress, log)
     lap("finding segmenter")
     siglip = with_evidence(siglip, segmenter).to(next(segmenter.parameters()).device)
-    features = cached_encoder_features(work, siglip.vision_encoder, pixels, progress=progress)
+    features = tower_tokens(work, siglip.vision_encoder, [str(c.image_path) for c in caps] + gate_images,
+                            align_images, recipe, progress)
     refit_retrieval(siglip, {k: f[1].float().mean(0) for k, f in features.items()},
                     [(str(c.image_path), c.text) for c in reports], tokenizer,
                     _train_config(recipe, work / "retrieval", progress, recipe.retrieval))
@@ -296,7 +293,7 @@ def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | N
     gate = probes["encoder_tokens"]["macro_auc"]
     log(f"probe gate: organ x kind macro AUC {gate:.3f} on {len(gate_images)} unseen phantoms "
         f"(gate {recipe.probe_gate:.2f})")
-    lap("tower assembly, retrieval, probe gate")
+    lap("tower tokens (preprocessing, encoding), retrieval, probe gate")
     if gate < recipe.probe_gate:
         save_siglip(work / "siglip-failed-gate", siglip, recipe.max_text_length)
         raise ProbeGateFailed(
@@ -308,9 +305,8 @@ def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | N
     # 3. The whole: the projector learns to give the oracle's layout from the tower's tokens, then
     #    the language model of step 1 learns on them (with the projector, or cross-fitted: see the recipe).
     model.vision_tower.load_state_dict(siglip.vision_encoder.state_dict())
-    clean = oracle_features(roots + align_roots, model.config.num_image_tokens, recipe.lm_width, 0.0, recipe.seed)
+    clean, alignment = oracle_alignment(model, roots + align_roots, recipe, work / "projector", progress)
     train_features = {k: features[k] for k in train_images}
-    alignment = _train_config(recipe, work / "projector", progress, recipe.projector_alignment)
     if recipe.cross_fit_folds > 1:
         train_features = cross_fitted_tokens(model, train_features, clean, alignment, recipe.cross_fit_folds)
     align_run = align_projector(model, {k: features[k] for k in train_images + align_images}, clean, alignment)
@@ -337,15 +333,35 @@ def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | N
     return summary
 
 
-def alignment_volumes(work: Path, recipe: DemoRecipe, progress: bool) -> tuple[list[Path], dict[str, torch.Tensor]]:
+def alignment_set(work: Path, recipe: DemoRecipe) -> tuple[list[Path], list[str]]:
     """The phantoms the projector alone is aligned on (``DemoRecipe.alignment_phantoms``), written if
-    missing: their folders, and image path -> preprocessed volume."""
+    missing: their folders and image paths."""
     if not recipe.alignment_phantoms:
-        return [], {}
+        return [], []
     roots = write_shards(work, recipe.alignment_phantoms, recipe.seed, name="align-phantoms", base=ALIGN_SEED)
-    images = [str(c.image_path) for root in roots for c in read_cap(root / CAP_JSON, "train")]
-    return roots, cached_pixels(work / f"pixels-align-{recipe.preset}.pt", images, PRESETS[recipe.preset],
-                                progress=progress)
+    return roots, [str(c.image_path) for root in roots for c in read_cap(root / CAP_JSON, "train")]
+
+
+def tower_tokens(work: Path, encoder, images: list[str], align_images: list[str], recipe: DemoRecipe,
+                 progress: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The encoder's (low, high) tokens of the VLM's (and gate's) volumes and of the alignment phantoms',
+    through the work folder's caches; the volumes are preprocessed or loaded only if a token is missing."""
+    def pixels() -> dict[str, torch.Tensor]:
+        loaded = cached_pixels(work / f"pixels-{recipe.preset}.pt", images, PRESETS[recipe.preset], progress=progress)
+        if align_images:
+            loaded.update(cached_pixels(work / f"pixels-align-{recipe.preset}.pt", align_images,
+                                        PRESETS[recipe.preset], progress=progress))
+        return loaded
+
+    return cached_encoder_features(work, encoder, images + align_images, pixels, progress=progress)
+
+
+def oracle_alignment(model, roots: list[Path], recipe: DemoRecipe, folder: Path,
+                     progress: bool) -> tuple[dict[str, torch.Tensor], TrainConfig]:
+    """What ``align_projector`` aligns the projector to (the noise-free oracle layout of ``roots``' volumes),
+    and how (``DemoRecipe.projector_alignment``, checkpoints in ``folder``)."""
+    clean = oracle_features(roots, model.config.num_image_tokens, model.config.text_config.hidden_size, 0.0, recipe.seed)
+    return clean, _train_config(recipe, folder, progress, recipe.projector_alignment)
 
 
 def instruction_examples(roots: list[Path], caps: list[CapItem], vqas: list, recipe: DemoRecipe,

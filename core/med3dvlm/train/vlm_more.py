@@ -21,12 +21,10 @@ import torch
 from ..errors import Med3DVLMError
 from ..loading import SIGLIP_FOLDER, load_bundle, save_bundle
 from ..models.projector import MixerProjector
-from ..preprocess import PRESETS
 from .config import TrainConfig
-from .demo import DemoRecipe, alignment_volumes, instruction_examples, last_stage, read_shards, write_shards
-from .oracle import oracle_features
+from .demo import (DemoRecipe, alignment_set, instruction_examples, last_stage, oracle_alignment, read_shards,
+                   tower_tokens, write_shards)
 from .stages import align_projector
-from .volumes import cached_encoder_features, cached_pixels
 
 
 def more_vlm(out_dir: str | Path, work_dir: str | Path, resume: str | Path, recipe: DemoRecipe | None = None,
@@ -45,22 +43,15 @@ def more_vlm(out_dir: str | Path, work_dir: str | Path, resume: str | Path, reci
     caps, vqas = read_shards(roots)
     _, examples = instruction_examples(roots, caps, vqas, recipe, model.config.num_image_tokens)
     images = sorted({str(c.image_path) for c in caps})
-    pixels = cached_pixels(work / f"pixels-{recipe.preset}.pt", images, PRESETS[recipe.preset], progress=progress)
-    align_roots, align_pixels = alignment_volumes(work, recipe, progress) if realign else ([], {})
-    align_images = list(align_pixels)
-    pixels.update(align_pixels)
+    align_roots, align_images = alignment_set(work, recipe) if realign else ([], [])
     model.vision_tower.eval()
-    features = cached_encoder_features(work, model.vision_tower, pixels, progress=progress)
-    del pixels, align_pixels
+    features = tower_tokens(work, model.vision_tower, images, align_images, recipe, progress)
     record = {"from": str(resume), "projector_realigned_on": len(images) + len(align_images) if realign else None}
     if realign:
         torch.manual_seed(recipe.seed)
         model.mm_projector = MixerProjector(model.config.projector_config)
-        oracle = oracle_features(roots + align_roots, model.config.num_image_tokens, model.config.text_config.hidden_size,
-                                 0.0, recipe.seed)
-        aligned = align_projector(model, {k: features[k] for k in images + align_images}, oracle,
-                                  TrainConfig(output_dir=str(work / "projector-more"), seed=recipe.seed,
-                                              progress=progress, **recipe.projector_alignment))
+        clean, alignment = oracle_alignment(model, roots + align_roots, recipe, work / "projector-more", progress)
+        aligned = align_projector(model, {k: features[k] for k in images + align_images}, clean, alignment)
         record["projector_alignment_loss"] = [aligned.losses[0], aligned.losses[-1]]
     if more:
         folder = work / "vlm-more"
