@@ -152,7 +152,8 @@ def cmd_demo(args) -> None:
                           more=args.more_vlm)
         done = [f"a projector aligned afresh on {record['projector_realigned_on']} phantoms"] if args.realign else []
         if args.more_vlm:
-            done.append(f"{record['options']['epochs']} more epochs of its last stage (loss "
+            epochs = record['options']['epochs']
+            done.append(f"{epochs} more epoch{'s' if epochs != 1 else ''} of its last stage (loss "
                         f"{record['vlm_loss'][0]:.3f} -> {record['vlm_loss'][1]:.3f})")
         print(f"Demo model written to {args.out} in {record['seconds']:.0f} s: {' and '.join(done)}; "
               f"evaluate it with: med3dvlm evaluate --model {args.out}")

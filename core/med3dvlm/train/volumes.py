@@ -73,7 +73,7 @@ def cached_encoder_features(folder: Path, encoder, paths: Sequence[str],
                             progress: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``encoder_features`` of ``paths`` through a file in ``folder`` named by the encoder's weights, so that
     a rerun of the stages after it (the demo's last two: 12 minutes) does not encode 8,150 volumes again
-    (46 minutes on 2 cores); another encoder's file is removed. ``pixels`` (path -> model input) is called
+    (26-46 minutes on 2 cores); another encoder's file is removed. ``pixels`` (path -> model input) is called
     only when a path's features are missing: the demo's pixel caches are 8.5 GB to load."""
     digest = hashlib.blake2b(digest_size=8)
     for name, tensor in encoder.state_dict().items():
