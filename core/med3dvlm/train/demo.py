@@ -321,7 +321,8 @@ def train_demo(out_dir: str | Path, work_dir: str | Path, recipe: DemoRecipe | N
     save_bundle(out, model, tokenizer)
     save_siglip(out / SIGLIP_FOLDER, siglip, recipe.max_text_length)
     summary = {"recipe": asdict(recipe), "seconds": timings, "cpu_seconds": _cpu_seconds(),
-               "resumed_from": str(resume) if resume else None, "examples": len(examples),
+               # the folder's name, not this machine's path: the record ships with the model
+               "resumed_from": Path(resume).name if resume else None, "examples": len(examples),
                "language_gate": language, "probes": probes, "segmenter_curve": curve,
                "oracle_reading_loss": [reading_run.losses[0], reading_run.losses[-1]],
                "oracle_reports_loss": [reports_run.losses[0], reports_run.losses[-1]],

@@ -46,7 +46,7 @@ def more_vlm(out_dir: str | Path, work_dir: str | Path, resume: str | Path, reci
     align_roots, align_images = alignment_set(work, recipe) if realign else ([], [])
     model.vision_tower.eval()
     features = tower_tokens(work, model.vision_tower, images, align_images, recipe, progress)
-    record = {"from": str(resume), "projector_realigned_on": len(images) + len(align_images) if realign else None}
+    record = {"from": resume.name, "projector_realigned_on": len(images) + len(align_images) if realign else None}
     if realign:
         torch.manual_seed(recipe.seed)
         model.mm_projector = MixerProjector(model.config.projector_config)
