@@ -134,13 +134,13 @@ def test_encoder_features_are_cached_per_encoder_weights(tmp_path):
     pixels = {str(tmp_path / f"v{i}.nii.gz"): torch.randn(1, 16, 32, 32).half() for i in range(3)}
     loads = []
 
-    def load():
-        loads.append(1)
+    def load(missing):
+        loads.append(sorted(missing))
         return pixels
 
     first = cached_encoder_features(tmp_path, encoder, list(pixels), load, progress=False)
     direct = encoder_features(encoder, pixels, progress=False)
-    assert all(torch.equal(first[k][j], direct[k][j]) for k in pixels for j in (0, 1)) and len(loads) == 1
+    assert all(torch.equal(first[k][j], direct[k][j]) for k in pixels for j in (0, 1)) and loads == [sorted(pixels)]
     [cache] = tmp_path.glob("features-*.pt")
     stamp = cache.stat().st_mtime_ns
     again = cached_encoder_features(tmp_path, encoder, list(pixels), load, progress=False)

@@ -346,12 +346,14 @@ def alignment_set(work: Path, recipe: DemoRecipe) -> tuple[list[Path], list[str]
 def tower_tokens(work: Path, encoder, images: list[str], align_images: list[str], recipe: DemoRecipe,
                  progress: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The encoder's (low, high) tokens of the VLM's (and gate's) volumes and of the alignment phantoms',
-    through the work folder's caches; the volumes are preprocessed or loaded only if a token is missing."""
-    def pixels() -> dict[str, torch.Tensor]:
-        loaded = cached_pixels(work / f"pixels-{recipe.preset}.pt", images, PRESETS[recipe.preset], progress=progress)
-        if align_images:
-            loaded.update(cached_pixels(work / f"pixels-align-{recipe.preset}.pt", align_images,
-                                        PRESETS[recipe.preset], progress=progress))
+    through the work folder's caches; a pixel cache is loaded (or its volumes preprocessed) only if one of
+    its volumes lacks its tokens."""
+    def pixels(missing: list[str]) -> dict[str, torch.Tensor]:
+        loaded, wanted = {}, set(missing)
+        for cache, paths in (("pixels", images), ("pixels-align", align_images)):
+            if wanted.intersection(paths):
+                loaded.update(cached_pixels(work / f"{cache}-{recipe.preset}.pt", paths, PRESETS[recipe.preset],
+                                            progress=progress))
         return loaded
 
     return cached_encoder_features(work, encoder, images + align_images, pixels, progress=progress)

@@ -69,12 +69,12 @@ def encoder_features(encoder, pixels: dict[str, torch.Tensor], batch_size: int =
 
 
 def cached_encoder_features(folder: Path, encoder, paths: Sequence[str],
-                            pixels: Callable[[], dict[str, torch.Tensor]],
+                            pixels: Callable[[list[str]], dict[str, torch.Tensor]],
                             progress: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``encoder_features`` of ``paths`` through a file in ``folder`` named by the encoder's weights, so that
     a rerun of the stages after it (the demo's last two: 12 minutes) does not encode 8,150 volumes again
-    (26-46 minutes on 2 cores); another encoder's file is removed. ``pixels`` (path -> model input) is called
-    only when a path's features are missing: the demo's pixel caches are 8.5 GB to load."""
+    (26-46 minutes on 2 cores); another encoder's file is removed. ``pixels(missing)`` (path -> model input, for at
+    least those paths) is called only when features are missing: the demo's pixel caches are 8.5 GB to load."""
     digest = hashlib.blake2b(digest_size=8)
     for name, tensor in encoder.state_dict().items():
         digest.update(name.encode())
@@ -85,7 +85,7 @@ def cached_encoder_features(folder: Path, encoder, paths: Sequence[str],
             stale.unlink()
 
     def encode(missing: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        volumes = pixels()
+        volumes = pixels(missing)
         return encoder_features(encoder, {path: volumes[path] for path in missing}, progress=progress)
 
     return _through_file(cache, paths, encode)
